@@ -1,0 +1,35 @@
+# Two entry points, each doing all set-up on a fresh clone:
+#   make demo   -> creates .venv, installs, runs the main job on bundled data
+#   make test   -> creates .venv, installs, runs nbdev_test over every notebook + pytest tests/
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+OUT ?= outputs/demo
+
+.PHONY: demo test install export clean bench
+
+$(BIN)/.installed: settings.ini setup.py constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -c constraints.txt torch torchvision
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev]"
+	touch $@
+
+install: $(BIN)/.installed
+
+demo: $(BIN)/.installed
+	$(BIN)/fastconvmae_demo --output $(OUT)
+
+test: $(BIN)/.installed
+	cd nbs && ../$(BIN)/nbdev_test --n_workers 1 --do_print
+	$(BIN)/python -m pytest -q tests
+
+export: $(BIN)/.installed
+	$(BIN)/nbdev_export && $(BIN)/nbdev_clean
+
+bench: $(BIN)/.installed
+	$(BIN)/python benchmarks/pretrain_step.py --arch fastconvmae_convvit_base_patch16 --bs 4
+
+clean:
+	rm -rf $(VENV) _proc _docs outputs
