@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from timm.models.vision_transformer import Block
 from .masking import patchify, unpatchify, random_masking, num_views, upsample_mask, Masking
-from .encoder import (ConvViTTrunk, ConvViT, sincos_2d, to_hw, conv_nhwc, CONVVIT_ARCHS,
+from .encoder import (ConvViTTrunk, ConvViT, Attention, sincos_2d, to_hw, conv_nhwc, CONVVIT_ARCHS,
                                  convvit_base_patch16, convvit_small_patch16, convvit_tiny_patch16)
 
 # %% auto #0
@@ -43,7 +43,8 @@ class MaskedAutoencoderConvViT(ConvViTTrunk):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
         self.decoder_pos_embed = nn.Parameter(torch.zeros(1, self.num_patches, decoder_embed_dim), requires_grad=False)
         self.decoder_blocks = nn.ModuleList([Block(decoder_embed_dim, decoder_num_heads, self._mlp_ratio0(mlp_ratio),
-                                                   qkv_bias=True, norm_layer=norm_layer) for _ in range(decoder_depth)])
+                                                   qkv_bias=True, norm_layer=norm_layer, attn_layer=Attention)
+                                             for _ in range(decoder_depth)])
         self.decoder_norm = norm_layer(decoder_embed_dim)
         self.decoder_pred = nn.Linear(decoder_embed_dim, self.stride ** 2 * in_chans)
         self.initialize_weights()

@@ -32,7 +32,7 @@ from .data import pretrain_dls, BadImageReport, PretrainDL
 __all__ = ['PRESETS', 'PretrainRecipe', 'pretrain_param_groups', 'adamw', 'lr_schedule', 'AnyDeviceMixedPrecision',
            'NonFiniteLossError', 'StopOnNonFinite', 'unwrap', 'rng_states', 'set_rng_states', 'atomic_save',
            'load_checkpoint', 'PretrainCheckpoint', 'SkipEpochs', 'RestoreState', 'ShardedTrainer',
-           'ReconstructionFigure', 'mae_loss', 'pretrain_learner', 'fit_pretrain', 'main', 'demo']
+           'ReconstructionFigure', 'mae_loss', 'pretrain_learner', 'fit_pretrain', 'main']
 
 # %% ../nbs/05_pretrain.ipynb
 @dataclass
@@ -344,59 +344,3 @@ def main(data: str='data', # image folder: ImageNet layout (train/<class>/*, val
     try: fit_pretrain(learn, resume=resume)
     except NonFiniteLossError as e: raise SystemExit(f"error: {e}")
     if rank == 0: print(f"done: checkpoints, log.csv, loss.png and reconstructions/ in {output}")
-
-# %% ../nbs/05_pretrain.ipynb
-def _bundled_data() -> Path:
-    for p in [Path('data'), Path(__file__).resolve().parents[1] / 'data']:
-        if (p / 'chelsea.jpg').exists(): return p
-    raise FileNotFoundError("bundled photos not found: run from the repository root (they live in data/)")
-
-def _photo_batch(photo, img_size):
-    from fastconvmae.masking import load_demo_image
-    from timm.data import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN, IMAGENET_DEFAULT_STD as IMAGENET_STD
-    img = load_demo_image(photo, img_size)
-    x = (img - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    return img, x[None]
-
-@call_parse
-def demo(data: str=None, # image folder (default: ../shared/data/imagenette-128 if present, else the bundled photos)
-         output: str='outputs/demo', # where the figures, log and checkpoint go
-         epochs: int=None, # override the demo's epochs
-         n_train: int=2000, # training images used from a large folder
-         seed: int=0):
-    "Masking figures, a few minutes of Fast ConvMAE-T pretraining on CPU, and its reconstructions."
-    import matplotlib; matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-    from fastconvmae.masking import show_mask_stages, show_complementary_views
-    torch.manual_seed(seed); random.seed(seed); np.random.seed(seed)
-    out, photos = Path(output), _bundled_data()
-    out.mkdir(parents=True, exist_ok=True)
-    shared = Path('../shared/data/imagenette-128')
-    data = Path(data) if data else (shared if shared.exists() else photos)
-    big = len(list(data.rglob('*.*'))) > 100
-    r = replace(PRESETS['cpu'], img_size=96, epochs=epochs or 4, warmup_epochs=0.5) if big else \
-        replace(PRESETS['cpu'], img_size=64, bs=5, epochs=epochs or 40, warmup_epochs=4, blr=5e-3)
-    # 1. the masks of one image at the three stage resolutions, and the complementary views
-    img, x = _photo_batch(photos / 'chelsea.jpg', r.img_size)
-    model = create_model(r.arch, img_size=r.img_size, norm_pix_loss=True)
-    hw = model.grid
-    noise = torch.rand(1, hw[0] * hw[1], generator=torch.Generator().manual_seed(seed))
-    m = model.masking(1, hw, r.mask_ratio, noise)
-    show_mask_stages(img, m.mask[0, 0], hw).savefig(out / 'masks.png'); plt.close('all')
-    show_complementary_views(img, m.mask[:, 0], hw).savefig(out / 'views.png'); plt.close('all')
-    model.eval()
-    show_views(x, *reconstruct(model, x, noise=noise), title='untrained').savefig(out / 'untrained.png'); plt.close('all')
-    # 2. pretraining
-    dls = pretrain_dls(data, img_size=r.img_size, bs=r.bs, num_workers=1 if big else 0, seed=seed,
-                       n_train=n_train if big else None, valid=4)
-    print(f"pretraining {r.arch} at {r.img_size} px on {len(dls.train.dataset)} images of {data} for {r.epochs} epochs ({r.precision}, CPU)")
-    learn = pretrain_learner(dls, r, model=model.train(), output=out)
-    t = time.time()
-    fit_pretrain(learn)
-    # 3. the trained model on the same photo and masks
-    model.eval()
-    show_views(x, *reconstruct(model, x, noise=noise), title=f'after {r.epochs} epochs ({(time.time() - t) / 60:.1f} min)').savefig(out / 'reconstruction.png')
-    plt.close('all')
-    losses = [float(l) for l in learn.recorder.losses]
-    print(f"train loss {losses[0]:.3f} -> {losses[-1]:.3f}; figures: " +
-          ', '.join(str(out / f) for f in ['masks.png', 'views.png', 'untrained.png', 'reconstruction.png', 'loss.png']))
