@@ -30,7 +30,7 @@ from .encoder import ConvViT, to_hw
 from .models import create_model
 from .data import ImageFolderDataset, PretrainDL, eval_transform, pretrain_transform, show_images
 from .pretrain import (AnyDeviceMixedPrecision, ShardedTrainer, PretrainCheckpoint, RestoreState, adamw as _adamw,
-                                  lr_schedule, atomic_save, unwrap, load_checkpoint as load_own_checkpoint)
+                                  lr_schedule, atomic_save, unwrap, launch_setup, load_checkpoint as load_own_checkpoint)
 from fastai.distributed import rank_distrib, num_distrib
 from fastai.callback.progress import CSVLogger, ProgressCallback
 
@@ -430,11 +430,7 @@ def finetune(data, preset: str='cpu', checkpoint=None, output_dir=None, reset_he
     unknown = set(overrides) - set(FINETUNE_PRESETS[preset]) - {'lr', 'num_classes', 'crop_pct'}
     if unknown: raise TypeError(f"unknown settings {sorted(unknown)}")
     c = {**FINETUNE_PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
-    rank, world = rank_distrib(), max(num_distrib(), 1)
-    if device is None:
-        device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0))) if torch.cuda.is_available() else torch.device('cpu')
-    device = torch.device(device)
-    torch.manual_seed(seed); random.seed(seed); np.random.seed(seed)  # torch: init, erasing, drop path; Python: RandAugment; NumPy: Mixup
+    rank, world, device = launch_setup(seed, device)  # seeds torch: init, erasing, drop path; Python: RandAugment; NumPy: Mixup
     dls = finetune_dls(data, c['img_size'], c['bs'], c['aa'] or None, c['reprob'], c.get('crop_pct'), num_workers=c['num_workers'],
                        seed=seed, device=device, rank=rank, world_size=world)
     n_cls = c.get('num_classes') or len(dls.train.vocab)

@@ -22,7 +22,7 @@ from timm.optim import Lars
 from .encoder import ConvViT
 from .models import create_model
 from .data import pretrain_transform
-from .pretrain import ShardedTrainer, PretrainCheckpoint, atomic_save, unwrap
+from .pretrain import ShardedTrainer, PretrainCheckpoint, atomic_save, unwrap, launch_setup
 from .finetune import (load_pretrained, classifier_dls, finetune_eval_transform, SoftTargetLoss, TopK, CheckClasses,
                                   check_classes, precision_cbs, scaled_lr, results)
 
@@ -82,11 +82,7 @@ def linprobe(data, preset: str='cpu', checkpoint=None, output_dir=None, trusted:
     unknown = set(overrides) - set(LINPROBE_PRESETS[preset]) - {'lr', 'crop_pct'}
     if unknown: raise TypeError(f"unknown settings {sorted(unknown)}")
     c = {**LINPROBE_PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
-    rank, world = rank_distrib(), max(num_distrib(), 1)
-    if device is None:
-        device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0))) if torch.cuda.is_available() else torch.device('cpu')
-    device = torch.device(device)
-    torch.manual_seed(seed); random.seed(seed); np.random.seed(seed)
+    rank, world, device = launch_setup(seed, device)
     dls = linprobe_dls(data, c['img_size'], c['bs'], c.get('crop_pct'), num_workers=c['num_workers'], seed=seed, device=device,
                        rank=rank, world_size=world)
     model = create_model(c['model'], num_classes=len(dls.train.vocab), img_size=c['img_size'])

@@ -24,7 +24,7 @@ from timm.models.vision_transformer import Block
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from .encoder import ConvViTTrunk, CONVVIT_ARCHS, Attention
 from .models import MaskedAutoencoderConvViT, DECODER_ARCHS, MODELS
-from .pretrain import (PretrainRecipe, PRESETS, pretrain_learner, fit_pretrain, unwrap, NonFiniteLossError,
+from .pretrain import (PretrainRecipe, PRESETS, pretrain_learner, fit_pretrain, unwrap, NonFiniteLossError, launch_setup,
                                   _extra_loggers)
 from .data import pretrain_dls
 
@@ -421,9 +421,7 @@ def main(data: str='data', # image folder: ImageNet layout (train/<class>/*, val
                                    arch=arch, epochs=epochs, warmup_epochs=warmup_epochs, bs=bs, blr=blr, img_size=img_size,
                                    mask_ratio=mask_ratio, precision=precision, accum=accum, clip=clip_grad)
     except ValueError as e: raise SystemExit(f"error: {e}")
-    torch.manual_seed(seed); random.seed(seed); np.random.seed(seed)
-    rank, world = rank_distrib(), max(num_distrib(), 1)
-    device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0))) if torch.cuda.is_available() else torch.device('cpu')
+    rank, world, device = launch_setup(seed)
     if random_teachers and {'dino', 'clip'} & set(r.targets) and rank == 0:
         warnings.warn("--random_teachers: the DINO/CLIP teachers have RANDOM weights (smoke tests and timing only)")
     try: teachers = build_teachers(r, dino_weights, clip_weights, random_init=random_teachers)
