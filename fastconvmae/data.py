@@ -19,8 +19,9 @@ from fastai.callback.core import Callback
 import matplotlib.pyplot as plt
 
 # %% auto #0
-__all__ = ['to_rgb', 'BadImageError', 'BadImageWarning', 'load_rgb', 'find_images', 'ImageFolderDataset', 'pretrain_transform',
-           'eval_transform', 'denormalize', 'show_images', 'PretrainDL', 'pretrain_dls', 'BadImageReport']
+__all__ = ['UNREADABLE', 'to_rgb', 'BadImageError', 'BadImageWarning', 'load_rgb', 'find_images', 'ImageFolderDataset',
+           'pretrain_transform', 'eval_transform', 'denormalize', 'show_images', 'PretrainDL', 'pretrain_dls',
+           'BadImageReport']
 
 # %% ../nbs/04_data.ipynb #05de03e7
 def to_rgb(im:Image.Image) -> Image.Image:
@@ -59,13 +60,29 @@ def load_rgb(path) -> Image.Image:
 # %% ../nbs/04_data.ipynb #054e177f
 def _is_img(name:str, exts:tuple) -> bool: return not name.startswith('.') and name.lower().endswith(exts)
 
-def _walk(d:Path, exts:tuple) -> list[Path]:
-    "Sorted image files under `d`, recursively, skipping hidden files and folders"
-    res = []
-    for p, ds, fs in os.walk(d, followlinks=True):
-        ds[:] = sorted(o for o in ds if not o.startswith('.'))
-        res += [Path(p)/f for f in sorted(fs) if _is_img(f, exts)]
-    return res
+def _walk(d:Path, exts:tuple, seen:set|None=None, repeats:list|None=None) -> list[Path]:
+    "Sorted image files under `d`, recursively, skipping hidden entries and every folder or file already in `seen` (by device and inode)"
+    seen = set() if seen is None else seen
+    try: st = os.stat(d)
+    except OSError as e: warnings.warn(f"cannot read folder {d}: {e}"); return []
+    if (st.st_dev, st.st_ino) in seen:  # a link back into a folder already listed: a loop, or a second name for it
+        if repeats is not None: repeats.append(d)
+        return []
+    seen.add((st.st_dev, st.st_ino))
+    try: entries = sorted(os.scandir(d), key=lambda e: e.name)
+    except OSError as e: warnings.warn(f"cannot read folder {d}: {e}"); return []
+    files, subdirs = [], []
+    for e in entries:
+        if e.name.startswith('.'): continue
+        if e.is_dir(): subdirs.append(Path(e.path))
+        elif _is_img(e.name, exts) and e.is_file():
+            key = (lambda s: (s.st_dev, s.st_ino))(os.stat(e.path)) if e.is_symlink() else (st.st_dev, e.inode())
+            if key in seen:
+                if repeats is not None: repeats.append(Path(e.path))
+                continue
+            seen.add(key); files.append(Path(e.path))
+    for s in subdirs: files += _walk(s, exts, seen, repeats)
+    return files
 
 def find_images(root, extensions=IMG_EXTENSIONS) -> tuple[list[Path], list[int], list[str]]:
     "`(files, labels, classes)` of `root/<class>/**/*` (ImageNet layout) or, without class folders, of `root/*` (labels -1)"
@@ -73,9 +90,14 @@ def find_images(root, extensions=IMG_EXTENSIONS) -> tuple[list[Path], list[int],
     if not root.exists(): raise FileNotFoundError(f"image folder not found: {root}")
     if not root.is_dir(): raise NotADirectoryError(f"not a folder: {root}")
     exts = tuple(e.lower() for e in extensions)
+    st = os.stat(root)
+    seen, repeats = {(st.st_dev, st.st_ino)}, []  # every folder and file is listed once, however many links lead to it
     entries = sorted(os.scandir(root), key=lambda e: e.name)
-    per_class = {e.name: _walk(Path(e.path), exts) for e in entries if e.is_dir() and not e.name.startswith('.')}
+    per_class = {e.name: _walk(Path(e.path), exts, seen, repeats) for e in entries if e.is_dir() and not e.name.startswith('.')}
     top = [root/e.name for e in entries if e.is_file() and _is_img(e.name, exts)]
+    if repeats:
+        warnings.warn(f"{root}: {len(repeats)} link(s) lead to folders or files already listed (a symlink loop?); each image is "
+                      f"counted once: {', '.join(str(p) for p in repeats[:3])}{' ...' if len(repeats) > 3 else ''}")
     if any(per_class.values()):
         classes = list(per_class)
         if set(classes) <= {'train', 'val', 'valid', 'test'}:
@@ -89,12 +111,17 @@ def find_images(root, extensions=IMG_EXTENSIONS) -> tuple[list[Path], list[int],
     return files, labels, classes
 
 # %% ../nbs/04_data.ipynb #da0af2a3
+#: label of an image that could not be read (`unreadable='mark'`); PyTorch's `cross_entropy` ignores it by default
+UNREADABLE = -100
+
 class ImageFolderDataset(torch.utils.data.Dataset):
-    "Images of `root` (ImageNet or flat layout) as `(tfm(img), label)`; unreadable files are skipped, warned about once and counted"
-    def __init__(self, root, tfm=None, extensions=IMG_EXTENSIONS, with_label:bool=True, max_tries:int=64):
+    "Images of `root` (ImageNet or flat layout) as `(tfm(img), label)`; unreadable files are replaced or marked, warned about once and counted"
+    def __init__(self, root, tfm=None, extensions=IMG_EXTENSIONS, with_label:bool=True, max_tries:int=64, unreadable:str='replace'):
+        if unreadable not in ('replace', 'mark'): raise ValueError(f"unreadable must be 'replace' or 'mark', got {unreadable!r}")
+        if unreadable == 'mark' and not with_label: raise ValueError("unreadable='mark' needs with_label=True (the label marks the image)")
         self.root = Path(root).expanduser()
         self.files, self.labels, self.classes = find_images(self.root, extensions)
-        store_attr('tfm,with_label,max_tries')
+        store_attr('tfm,with_label,max_tries,unreadable')
         self._reset_counts()
 
     def _reset_counts(self): self.skips = torch.zeros(len(self.files), dtype=torch.int32).share_memory_()
@@ -110,12 +137,19 @@ class ImageFolderDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i:int):
         n = len(self)
-        for k in range(min(self.max_tries, n)):
-            j = (int(i) + k) % n
-            if (img := self.load(j)) is not None: break
-        else: raise RuntimeError(f"{self.max_tries} consecutive unreadable images from {self.files[int(i) % n]}: is {self.root} corrupt?")
+        if self.unreadable == 'mark':  # evaluation: a blank stand-in that metrics leave out
+            j = int(i) % n
+            img = self.load(j)
+            label = self.labels[j] if img is not None else UNREADABLE
+            if img is None: img = Image.new('RGB', (64, 64))
+        else:
+            for k in range(min(self.max_tries, n)):
+                j = (int(i) + k) % n
+                if (img := self.load(j)) is not None: break
+            else: raise RuntimeError(f"{self.max_tries} consecutive unreadable images from {self.files[int(i) % n]}: is {self.root} corrupt?")
+            label = self.labels[j]
         x = self.tfm(img) if self.tfm is not None else img
-        return (x, self.labels[j]) if self.with_label else (x,)
+        return (x, label) if self.with_label else (x,)
 
     @property
     def n_skipped(self) -> int: "Number of times an unreadable file was skipped (all processes)"; return int(self.skips.sum())

@@ -124,3 +124,32 @@ def test_valid_picks_skip_bad_files(tmp_path):
     assert [f.name for f in dls.valid_ds.files] == ['img1.jpg', 'img4.jpg', 'img7.jpg']
     assert len([w for w in ws if issubclass(w.category, BadImageWarning)]) == 1
     assert dls.valid_ds.n_skipped == 0 and dls.train_ds.bad_files == [tmp_path/'img0.jpg']
+
+def test_symlink_loop_counts_each_file_once(tmp_path):
+    "12 images in 3 classes with a loop back to the root and a second link to a class: 12 images, not hundreds"
+    photos = sorted(DATA.glob('*.jpg'))
+    for i in range(12):
+        d = tmp_path/'ds'/f'c{i % 3}'; d.mkdir(parents=True, exist_ok=True); shutil.copy(photos[i % 5], d/f'{i}.jpg')
+    (tmp_path/'ds'/'c0'/'loop').symlink_to(tmp_path/'ds')          # c0/loop/c0/loop/... until ELOOP / path limits
+    (tmp_path/'ds'/'c1'/'again').symlink_to(tmp_path/'ds'/'c1')    # a folder linking to itself
+    (tmp_path/'ds'/'c2'/'alias.jpg').symlink_to(tmp_path/'ds'/'c2'/'2.jpg')
+    with pytest.warns(UserWarning, match='3 link.*counted once'):
+        files, labels, classes = find_images(tmp_path/'ds')
+    assert len(files) == 12 and len({f.resolve() for f in files}) == 12
+    assert classes == ['c0', 'c1', 'c2'] and labels == [0]*4 + [1]*4 + [2]*4
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        assert len(ImageFolderDataset(tmp_path/'ds')) == 12
+    (tmp_path/'linked').symlink_to(tmp_path/'ds', target_is_directory=True)   # a linked dataset root still works
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        assert len(find_images(tmp_path/'linked')[0]) == 12
+
+def test_mark_unreadable_for_evaluation(tmp_path):
+    "In 'mark' mode an unreadable file keeps its slot, labelled UNREADABLE, instead of being replaced by its neighbour"
+    from fastconvmae.data import UNREADABLE
+    _folder(tmp_path, n=4, bad=2)
+    ds = ImageFolderDataset(tmp_path, eval_transform(32), unreadable='mark')
+    with pytest.warns(BadImageWarning, match='img2.jpg'): items = [ds[i] for i in range(4)]
+    assert [y for _, y in items] == [-1, -1, UNREADABLE, -1] and items[2][0].shape == (3, 32, 32)
+    assert ds.bad_files == [tmp_path/'img2.jpg']
