@@ -16,11 +16,11 @@ from .encoder import (ConvViTTrunk, ConvViT, Attention, sincos_2d, to_hw, conv_n
 
 # %% auto #0
 __all__ = ['DECODER_ARCHS', 'convmae_convvit_base_patch16_dec512d8b', 'fastconvmae_convvit_base_patch16_dec512d8b', 'MODELS',
-           'MaskedAutoencoderConvViT', 'convmae_convvit_base_patch16', 'fastconvmae_convvit_base_patch16',
-           'convmae_convvit_small_patch16', 'fastconvmae_convvit_small_patch16', 'convmae_convvit_tiny_patch16',
-           'fastconvmae_convvit_tiny_patch16', 'create_model', 'model_from_fixture_config', 'rel_err', 'count_flops',
-           'reconstruct', 'show_views', 'ConvViT', 'convvit_base_patch16', 'convvit_small_patch16',
-           'convvit_tiny_patch16']
+           'RECONSTRUCTION_SPACES', 'MaskedAutoencoderConvViT', 'convmae_convvit_base_patch16',
+           'fastconvmae_convvit_base_patch16', 'convmae_convvit_small_patch16', 'fastconvmae_convvit_small_patch16',
+           'convmae_convvit_tiny_patch16', 'fastconvmae_convvit_tiny_patch16', 'create_model',
+           'model_from_fixture_config', 'rel_err', 'count_flops', 'normalise_patches', 'reconstruct', 'show_views',
+           'ConvViT', 'convvit_base_patch16', 'convvit_small_patch16', 'convvit_tiny_patch16']
 
 # %% ../nbs/03_models.ipynb #40a8dbf4
 class MaskedAutoencoderConvViT(ConvViTTrunk):
@@ -111,10 +111,7 @@ class MaskedAutoencoderConvViT(ConvViTTrunk):
     def target(self, imgs: Tensor) -> Tensor:
         "Per-patch reconstruction target [B, L, p*p*C]: pixels, normalised per patch with `norm_pix_loss`."
         t = patchify(imgs, self.stride)
-        if self.norm_pix_loss:
-            mean, var = t.mean(dim=-1, keepdim=True), t.var(dim=-1, keepdim=True)
-            t = (t - mean) / (var + 1.e-6) ** .5
-        return t
+        return normalise_patches(t) if self.norm_pix_loss else t
 
     def forward_loss(self, imgs: Tensor, pred: Tensor, mask: Tensor) -> Tensor:
         "Mean squared error per patch, averaged over removed patches of every view. pred [K B, L, P], mask [K B, L]."
@@ -198,37 +195,59 @@ def count_flops(model: nn.Module, *args, backward: bool=False, **kwargs) -> int:
     return fc.get_total_flops()
 
 # %% ../nbs/03_models.ipynb #55b55a8d
+def normalise_patches(t: Tensor, eps: float=1e-6) -> Tensor:
+    "MAE's `norm_pix_loss` target: each patch (last dim) minus its mean, divided by sqrt(unbiased variance + eps)."
+    mean, var = t.mean(dim=-1, keepdim=True), t.var(dim=-1, keepdim=True)
+    return (t - mean) / (var + eps) ** .5
+
+#: what `reconstruct` can show
+RECONSTRUCTION_SPACES = ('pixels', 'normalised', 'borrowed')
+
 @torch.no_grad()
-def reconstruct(model: MaskedAutoencoderConvViT, imgs: Tensor, mask_ratio: float|None=None, noise: Tensor|None=None):
-    "Run `model` and return, per view, (masked input, prediction, prediction with visible patches pasted) as [K, B, C, H, W] images."
+def reconstruct(model: MaskedAutoencoderConvViT, imgs: Tensor, mask_ratio: float|None=None, noise: Tensor|None=None,
+                space: str|None=None):
+    """Run `model` and return, per view, (masked input, prediction, prediction with visible patches pasted) as [K, B, C, H, W].
+    `space`: 'pixels', the prediction as it is (right for a raw-pixel model); 'normalised', everything in per-patch
+    normalised units, the target of a `norm_pix_loss` model (the visible patches too); 'borrowed', a norm-pix prediction
+    un-normalised with each *hidden* patch's true mean and std (hands the model the answer's colour and contrast: label it).
+    Default: 'normalised' for norm-pix models, 'pixels' otherwise."""
+    space = space or ('normalised' if model.norm_pix_loss else 'pixels')
+    if space not in RECONSTRUCTION_SPACES: raise ValueError(f"space must be one of {RECONSTRUCTION_SPACES}, got {space!r}")
+    if space != 'pixels' and not model.norm_pix_loss: raise ValueError(f"space={space!r} is for norm_pix_loss models; this one predicts pixels")
     hw = model.check_input(imgs)
     _, pred, mask = model(imgs, mask_ratio, noise)
     B = imgs.shape[0]
     K = pred.shape[0] // B
-    if model.norm_pix_loss:  # undo the per-patch normalisation with each patch's own statistics, as MAE's demo
-        t = patchify(imgs, model.stride)
-        mean, var = t.mean(-1, keepdim=True), t.var(-1, keepdim=True)
-        pred = pred.unflatten(0, (K, B)) * (var + 1e-6) ** .5 + mean
-        pred = pred.flatten(0, 1)
-    rec = model.unpatchify(pred.float(), hw).unflatten(0, (K, B))                  # [K, B, C, H, W]
+    pred = pred.float().unflatten(0, (K, B))                                      # [K, B, L, P]
+    if space == 'normalised': imgs = model.unpatchify(normalise_patches(patchify(imgs.float(), model.stride)), hw)
+    elif space == 'borrowed':
+        t = patchify(imgs.float(), model.stride)
+        pred = pred * (t.var(-1, keepdim=True) + 1e-6) ** .5 + t.mean(-1, keepdim=True)  # the hidden patches' own statistics
+    rec = model.unpatchify(pred.flatten(0, 1), hw).unflatten(0, (K, B))           # [K, B, C, H, W]
     hidden = upsample_mask(mask.unflatten(0, (K, B)), hw, model.stride)[:, :, None]  # [K, B, 1, H, W]
     return imgs * (1 - hidden), rec, imgs * (1 - hidden) + rec * hidden
 
 # %% ../nbs/03_models.ipynb #7c322a84
 def show_views(imgs: Tensor, masked: Tensor, rec: Tensor, pasted: Tensor, mean=(0.485, 0.456, 0.406),
-               std=(0.229, 0.224, 0.225), idx: int=0, title: str=''):
-    "Figure: the image, then per view the masked input, the prediction and the pasted reconstruction."
+               std=(0.229, 0.224, 0.225), idx: int=0, title: str='', original_title: str='original',
+               titles=('input', 'prediction', '+ visible')):
+    "Figure: the image, then per view the masked input, the prediction and the pasted reconstruction (one row if K = 1)."
     import matplotlib.pyplot as plt
     mean, std = torch.tensor(mean).view(3, 1, 1), torch.tensor(std).view(3, 1, 1)
     show = lambda t: (t.float().cpu() * std + mean).clamp(0, 1).permute(1, 2, 0)
     K = masked.shape[0]
-    fig, axs = plt.subplots(3, K + 1, figsize=(1.9 * (K + 1), 5.6), dpi=70, squeeze=False)
-    axs[0, 0].imshow(show(imgs[idx])); axs[0, 0].set_title('original')
-    for k in range(K):
-        axs[0, k + 1].imshow(show(masked[k, idx])); axs[0, k + 1].set_title(f'view {k} input')
-        axs[1, k + 1].imshow(show(rec[k, idx])); axs[1, k + 1].set_title('prediction')
-        axs[2, k + 1].imshow(show(pasted[k, idx])); axs[2, k + 1].set_title('+ visible')
-    for ax in axs.flat: ax.axis('off')
+    if K == 1:
+        fig, axs = plt.subplots(1, 4, figsize=(9, 2.6), dpi=70)
+        for ax, t, s in zip(axs, [imgs[idx], masked[0, idx], rec[0, idx], pasted[0, idx]], (original_title, *titles)):
+            ax.imshow(show(t)); ax.set_title(s); ax.axis('off')
+    else:
+        fig, axs = plt.subplots(3, K + 1, figsize=(max(1.9 * (K + 1), 9), 5.6), dpi=70, squeeze=False)
+        axs[0, 0].imshow(show(imgs[idx])); axs[0, 0].set_title(original_title)
+        for k in range(K):
+            axs[0, k + 1].imshow(show(masked[k, idx])); axs[0, k + 1].set_title(f'view {k} {titles[0]}')
+            axs[1, k + 1].imshow(show(rec[k, idx])); axs[1, k + 1].set_title(titles[1])
+            axs[2, k + 1].imshow(show(pasted[k, idx])); axs[2, k + 1].set_title(titles[2])
+        for ax in axs.flat: ax.axis('off')
     if title: fig.suptitle(title)
     fig.tight_layout()
     return fig
