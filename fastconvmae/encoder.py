@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from timm.layers import trunc_normal_, resample_abs_pos_embed
 from timm.models import register_model, build_model_with_cfg, generate_default_cfgs
+from timm.models._features import feature_take_indices
 from timm.models.vision_transformer import Block
 from timm.layers import Attention as TimmAttention
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -144,6 +145,9 @@ class ConvViT(ConvViTTrunk):
         self.head = nn.Linear(e3, num_classes) if num_classes > 0 else nn.Identity()
         trunc_normal_(self.pos_embed, std=.02)
         self.apply(self._init_weights)
+        e1, e2, _ = self.embed_dim  # timm feature metadata: one map per stage
+        self.feature_info = [dict(num_chs=e1, reduction=4, module='blocks1'), dict(num_chs=e2, reduction=8, module='blocks2'),
+                             dict(num_chs=e3, reduction=self.stride, module='blocks3')]
 
     def _init_weights(self, m):
         if isinstance(m, nn.Linear):
@@ -175,6 +179,29 @@ class ConvViT(ConvViTTrunk):
         return x if pre_logits else self.head(x)
 
     def forward(self, x: Tensor) -> Tensor: return self.forward_head(self.forward_features(x))
+
+    def forward_intermediates(self, x: Tensor, indices=None, norm: bool=False, stop_early: bool=False,
+                              output_fmt: str='NCHW', intermediates_only: bool=False):
+        "timm's feature API: the stage maps picked by `indices` (0: stride 4, 1: stride 8, 2: stride 16), NCHW."
+        if output_fmt != 'NCHW': raise ValueError(f"ConvViT stage maps are NCHW only, got output_fmt={output_fmt!r}")
+        take, last = feature_take_indices(3, indices)
+        x, x1, x2 = self.forward_stages(x)
+        maps = [x1.permute(0, 3, 1, 2), x2.permute(0, 3, 1, 2)]
+        if last == 2 or not (stop_early or intermediates_only):
+            for blk in self.blocks3: x = blk(x)
+            h, w = x2.shape[1] // self.patch_size[2], x2.shape[2] // self.patch_size[2]
+            maps.append(x.transpose(1, 2).unflatten(2, (h, w)))   # [B, D3, H/16, W/16]
+        feats = [maps[i] for i in take]
+        return feats if intermediates_only else (x, feats)
+
+    def prune_intermediate_layers(self, indices=None, prune_norm: bool=False, prune_head: bool=True) -> list[int]:
+        "Drop what feature extraction does not use (the classifier); the stage indices to take."
+        take, _ = feature_take_indices(3, indices)
+        if prune_head:
+            self.reset_classifier(0)
+            if self.global_pool: self.fc_norm = nn.Identity()
+        if prune_norm and not self.global_pool: self.norm = nn.Identity()
+        return take
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         k = prefix + 'pos_embed'
@@ -212,7 +239,9 @@ def _convvit_args(size, **kwargs):
     return {**defaults, **kwargs}
 
 def _create_convvit(variant, pretrained=False, **kwargs):
-    return build_model_with_cfg(ConvViT, variant, pretrained, pretrained_strict=True, **kwargs)
+    if 'img_size' in kwargs: kwargs['img_size'] = to_hw(kwargs['img_size'])  # timm's builder wants (H, W), not the official 3-list
+    return build_model_with_cfg(ConvViT, variant, pretrained, pretrained_strict=True,
+                                feature_cfg=dict(feature_cls='getter', out_indices=(0, 1, 2)), **kwargs)
 
 @register_model
 def convvit_base_patch16(pretrained=False, **kwargs) -> ConvViT:
