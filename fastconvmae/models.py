@@ -5,6 +5,7 @@
 # %% ../nbs/03_models.ipynb #a713d0cf
 from __future__ import annotations
 from functools import partial
+from fastcore.basics import patch
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -16,11 +17,11 @@ from .encoder import (ConvViTTrunk, ConvViT, Attention, sincos_2d, to_hw, conv_n
 
 # %% auto #0
 __all__ = ['DECODER_ARCHS', 'convmae_convvit_base_patch16_dec512d8b', 'fastconvmae_convvit_base_patch16_dec512d8b', 'MODELS',
-           'RECONSTRUCTION_SPACES', 'MaskedAutoencoderConvViT', 'convmae_convvit_base_patch16',
+           'RECONSTRUCTION_SPACES', 'MaskedAutoencoderConvViT', 'normalise_patches', 'convmae_convvit_base_patch16',
            'fastconvmae_convvit_base_patch16', 'convmae_convvit_small_patch16', 'fastconvmae_convvit_small_patch16',
            'convmae_convvit_tiny_patch16', 'fastconvmae_convvit_tiny_patch16', 'create_model',
-           'model_from_fixture_config', 'rel_err', 'count_flops', 'normalise_patches', 'reconstruct', 'show_views',
-           'ConvViT', 'convvit_base_patch16', 'convvit_small_patch16', 'convvit_tiny_patch16']
+           'model_from_fixture_config', 'rel_err', 'reconstruct', 'show_views', 'count_flops', 'ConvViT',
+           'convvit_base_patch16', 'convvit_small_patch16', 'convvit_tiny_patch16']
 
 # %% ../nbs/03_models.ipynb #40a8dbf4
 class MaskedAutoencoderConvViT(ConvViTTrunk):
@@ -70,66 +71,85 @@ class MaskedAutoencoderConvViT(ConvViTTrunk):
     @torch.jit.ignore
     def no_weight_decay(self): return {'pos_embed', 'decoder_pos_embed', 'mask_token'}
 
-    def masking(self, B: int, hw: tuple[int, int], mask_ratio: float, noise: Tensor|None=None, device=None) -> Masking:
-        "Draw the masks of one batch: one view (ConvMAE) or 1/(1 - mask_ratio) complementary views (Fast ConvMAE)."
-        return random_masking(B, hw[0] * hw[1], mask_ratio, num_views(mask_ratio, self.complementary), noise, device)
 
-    def forward_encoder(self, imgs: Tensor, mask_ratio: float=0.75, noise: Tensor|None=None):
-        "Images [B, C, H, W] -> (latent [K B, n, D], masking, token grid)."
-        hw = self.check_input(imgs)
-        m = self.masking(imgs.shape[0], hw, mask_ratio, noise, imgs.device)
-        K, B, n = m.ids_keep.shape
-        vis = (1 - m.mask).to(imgs.dtype)                                # [K, B, L] 1 = visible
-        s2 = self.patch_size[2]
-        vis1 = upsample_mask(vis, hw, self.patch_size[1] * s2)[..., None]  # [K, B, H/4, W/4, 1]
-        vis2 = upsample_mask(vis, hw, s2)[..., None]                       # [K, B, H/8, W/8, 1]
-        x, x1, x2 = self.forward_stages(imgs, vis1, vis2)                  # [B, L, D], stage maps (channels-last)
-        fused = (conv_nhwc(self.stage1_output_decode, x1) +              # multi-scale fusion terms, [B, h, w, D]
-                 conv_nhwc(self.stage2_output_decode, x2)).flatten(1, 2) # [B, L, D]
-        idx = m.ids_keep.unsqueeze(-1).expand(K, B, n, x.shape[-1])      # [K, B, n, D]
-        x = x.unsqueeze(0).expand(K, -1, -1, -1).gather(2, idx).flatten(0, 1)        # [K B, n, D] visible tokens
-        fused = fused.unsqueeze(0).expand(K, -1, -1, -1).gather(2, idx).flatten(0, 1)
-        for blk in self.blocks3: x = blk(x)
-        return self.norm(x + fused), m, hw
+# %% ../nbs/03_models.ipynb #4e5b6e74
+@patch
+def masking(self: MaskedAutoencoderConvViT, B: int, hw: tuple[int, int], mask_ratio: float, noise: Tensor|None=None, device=None) -> Masking:
+    "Draw the masks of one batch: one view (ConvMAE) or 1/(1 - mask_ratio) complementary views (Fast ConvMAE)."
+    return random_masking(B, hw[0] * hw[1], mask_ratio, num_views(mask_ratio, self.complementary), noise, device)
 
-    def decoder_tokens(self, x: Tensor, m: Masking, hw: tuple[int, int]) -> Tensor:
-        "Latent [K B, n, D] -> decoder input [K B, L, Dd]: visible tokens in place, mask tokens elsewhere, position embedding."
-        x = self.decoder_embed(x)                                          # [K B, n, Dd]
-        KB, n, Dd = x.shape
-        L = m.mask.shape[-1]
-        idx = m.ids_keep.flatten(0, 1).unsqueeze(-1).expand(KB, n, Dd)
-        # each view's visible tokens at their own positions, the mask token everywhere else
-        x = self.mask_token.to(x.dtype).expand(KB, L, Dd).scatter(1, idx, x)  # [K B, L, Dd]
-        return x + self.pos_embed_for(hw, self.decoder_pos_embed)
+# %% ../nbs/03_models.ipynb #820fed84
+@patch
+def forward_encoder(self: MaskedAutoencoderConvViT, imgs: Tensor, mask_ratio: float=0.75, noise: Tensor|None=None):
+    "Images [B, C, H, W] -> (latent [K B, n, D], masking, token grid)."
+    hw = self.check_input(imgs)
+    m = self.masking(imgs.shape[0], hw, mask_ratio, noise, imgs.device)
+    K, B, n = m.ids_keep.shape
+    vis = (1 - m.mask).to(imgs.dtype)                                # [K, B, L] 1 = visible
+    s2 = self.patch_size[2]
+    vis1 = upsample_mask(vis, hw, self.patch_size[1] * s2)[..., None]  # [K, B, H/4, W/4, 1]
+    vis2 = upsample_mask(vis, hw, s2)[..., None]                       # [K, B, H/8, W/8, 1]
+    x, x1, x2 = self.forward_stages(imgs, vis1, vis2)                  # [B, L, D], stage maps (channels-last)
+    fused = (conv_nhwc(self.stage1_output_decode, x1) +              # multi-scale fusion terms, [B, h, w, D]
+             conv_nhwc(self.stage2_output_decode, x2)).flatten(1, 2) # [B, L, D]
+    idx = m.ids_keep.unsqueeze(-1).expand(K, B, n, x.shape[-1])      # [K, B, n, D]
+    x = x.unsqueeze(0).expand(K, -1, -1, -1).gather(2, idx).flatten(0, 1)        # [K B, n, D] visible tokens
+    fused = fused.unsqueeze(0).expand(K, -1, -1, -1).gather(2, idx).flatten(0, 1)
+    for blk in self.blocks3: x = blk(x)
+    return self.norm(x + fused), m, hw
 
-    def forward_decoder(self, x: Tensor, m: Masking, hw: tuple[int, int]) -> Tensor:
-        "Latent [K B, n, D] -> predicted pixels [K B, L, p*p*C]."
-        x = self.decoder_tokens(x, m, hw)
-        for blk in self.decoder_blocks: x = blk(x)
-        return self.decoder_pred(self.decoder_norm(x))
+# %% ../nbs/03_models.ipynb #e8cfa17d
+@patch
+def decoder_tokens(self: MaskedAutoencoderConvViT, x: Tensor, m: Masking, hw: tuple[int, int]) -> Tensor:
+    "Latent [K B, n, D] -> decoder input [K B, L, Dd]: visible tokens in place, mask tokens elsewhere, position embedding."
+    x = self.decoder_embed(x)                                          # [K B, n, Dd]
+    KB, n, Dd = x.shape
+    L = m.mask.shape[-1]
+    idx = m.ids_keep.flatten(0, 1).unsqueeze(-1).expand(KB, n, Dd)
+    # each view's visible tokens at their own positions, the mask token everywhere else
+    x = self.mask_token.to(x.dtype).expand(KB, L, Dd).scatter(1, idx, x)  # [K B, L, Dd]
+    return x + self.pos_embed_for(hw, self.decoder_pos_embed)
 
-    def target(self, imgs: Tensor) -> Tensor:
-        "Per-patch reconstruction target [B, L, p*p*C]: pixels, normalised per patch with `norm_pix_loss`."
-        t = patchify(imgs, self.stride)
-        return normalise_patches(t) if self.norm_pix_loss else t
+@patch
+def forward_decoder(self: MaskedAutoencoderConvViT, x: Tensor, m: Masking, hw: tuple[int, int]) -> Tensor:
+    "Latent [K B, n, D] -> predicted pixels [K B, L, p*p*C]."
+    x = self.decoder_tokens(x, m, hw)
+    for blk in self.decoder_blocks: x = blk(x)
+    return self.decoder_pred(self.decoder_norm(x))
 
-    def forward_loss(self, imgs: Tensor, pred: Tensor, mask: Tensor) -> Tensor:
-        "Mean squared error per patch, averaged over removed patches of every view. pred [K B, L, P], mask [K B, L]."
-        t = self.target(imgs).float()
-        K = pred.shape[0] // t.shape[0]
-        loss = (pred.float().unflatten(0, (K, -1)) - t).pow(2).mean(-1).flatten(0, 1)  # [K B, L], target shared by the views
-        return (loss * mask).sum() / mask.sum()
+# %% ../nbs/03_models.ipynb #ee67b86e
+def normalise_patches(t: Tensor, eps: float=1e-6) -> Tensor:
+    "MAE's `norm_pix_loss` target: each patch (last dim) minus its mean, divided by sqrt(unbiased variance + eps)."
+    mean, var = t.mean(dim=-1, keepdim=True), t.var(dim=-1, keepdim=True)
+    return (t - mean) / (var + eps) ** .5
 
-    def forward(self, imgs: Tensor, mask_ratio: float|None=None, noise: Tensor|None=None):
-        "Returns `loss, pred [K B, L, p*p*C], mask [K B, L]` like the official models (`mask_ratio` defaults to the model's)."
-        latent, m, hw = self.forward_encoder(imgs, self.mask_ratio if mask_ratio is None else mask_ratio, noise)
-        pred = self.forward_decoder(latent, m, hw)
-        mask = m.mask.flatten(0, 1)
-        return self.forward_loss(imgs, pred, mask), pred, mask
+@patch
+def target(self: MaskedAutoencoderConvViT, imgs: Tensor) -> Tensor:
+    "Per-patch reconstruction target [B, L, p*p*C]: pixels, normalised per patch with `norm_pix_loss`."
+    t = patchify(imgs, self.stride)
+    return normalise_patches(t) if self.norm_pix_loss else t
 
-    def unpatchify(self, x: Tensor, hw: tuple[int, int]|None=None) -> Tensor:
-        "Predicted patches [N, L, p*p*C] -> images [N, C, H, W] (the model's grid unless `hw` is given)."
-        return unpatchify(x, hw or self.grid, self.stride)
+@patch
+def forward_loss(self: MaskedAutoencoderConvViT, imgs: Tensor, pred: Tensor, mask: Tensor) -> Tensor:
+    "Mean squared error per patch, averaged over removed patches of every view. pred [K B, L, P], mask [K B, L]."
+    t = self.target(imgs).float()
+    K = pred.shape[0] // t.shape[0]
+    loss = (pred.float().unflatten(0, (K, -1)) - t).pow(2).mean(-1).flatten(0, 1)  # [K B, L], target shared by the views
+    return (loss * mask).sum() / mask.sum()
+
+# %% ../nbs/03_models.ipynb #b3e96762
+@patch
+def forward(self: MaskedAutoencoderConvViT, imgs: Tensor, mask_ratio: float|None=None, noise: Tensor|None=None):
+    "Returns `loss, pred [K B, L, p*p*C], mask [K B, L]` like the official models (`mask_ratio` defaults to the model's)."
+    latent, m, hw = self.forward_encoder(imgs, self.mask_ratio if mask_ratio is None else mask_ratio, noise)
+    pred = self.forward_decoder(latent, m, hw)
+    mask = m.mask.flatten(0, 1)
+    return self.forward_loss(imgs, pred, mask), pred, mask
+
+@patch
+def unpatchify(self: MaskedAutoencoderConvViT, x: Tensor, hw: tuple[int, int]|None=None) -> Tensor:
+    "Predicted patches [N, L, p*p*C] -> images [N, C, H, W] (the model's grid unless `hw` is given)."
+    return unpatchify(x, hw or self.grid, self.stride)
 
 # %% ../nbs/03_models.ipynb #79668c2b
 #: decoder of each size; `base` is the official one
@@ -185,21 +205,7 @@ def rel_err(a: Tensor, b: Tensor) -> float:
     "Max absolute difference relative to the largest magnitude of `b`."
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
 
-# %% ../nbs/03_models.ipynb #0ed971be
-def count_flops(model: nn.Module, *args, backward: bool=False, **kwargs) -> int:
-    "FLOPs of one call of `model(*args, **kwargs)` (and of the backward of its loss if `backward`)."
-    from torch.utils.flop_counter import FlopCounterMode
-    with FlopCounterMode(display=False) as fc:
-        out = model(*args, **kwargs)
-        if backward: (out[0] if isinstance(out, tuple) else out).float().sum().backward()
-    return fc.get_total_flops()
-
 # %% ../nbs/03_models.ipynb #55b55a8d
-def normalise_patches(t: Tensor, eps: float=1e-6) -> Tensor:
-    "MAE's `norm_pix_loss` target: each patch (last dim) minus its mean, divided by sqrt(unbiased variance + eps)."
-    mean, var = t.mean(dim=-1, keepdim=True), t.var(dim=-1, keepdim=True)
-    return (t - mean) / (var + eps) ** .5
-
 #: what `reconstruct` can show
 RECONSTRUCTION_SPACES = ('pixels', 'normalised', 'borrowed')
 
@@ -251,3 +257,12 @@ def show_views(imgs: Tensor, masked: Tensor, rec: Tensor, pasted: Tensor, mean=(
     if title: fig.suptitle(title)
     fig.tight_layout()
     return fig
+
+# %% ../nbs/03_models.ipynb #0ed971be
+def count_flops(model: nn.Module, *args, backward: bool=False, **kwargs) -> int:
+    "FLOPs of one call of `model(*args, **kwargs)` (and of the backward of its loss if `backward`)."
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as fc:
+        out = model(*args, **kwargs)
+        if backward: (out[0] if isinstance(out, tuple) else out).float().sum().backward()
+    return fc.get_total_flops()
