@@ -36,3 +36,62 @@ def test_noise_makes_masks_reproducible():
 def test_create_model_unknown_name():
     with pytest.raises(ValueError, match='unknown model'):
         models.create_model('convmae_vit_huge')
+
+def _tiny(norm_pix_loss, complementary=True):
+    return models.MaskedAutoencoderConvViT(img_size=64, embed_dim=(16, 24, 48), depth=(1, 1, 2), num_heads=4,
+                                           decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=4,
+                                           norm_pix_loss=norm_pix_loss, complementary=complementary).eval()
+
+def test_reconstruct_raw_pixels_is_the_prediction():
+    m, x, noise = _tiny(False), torch.randn(2, 3, 64, 64), torch.rand(2, 16)
+    masked, rec, pasted = models.reconstruct(m, x, noise=noise)          # default 'pixels' for a raw-pixel model
+    assert masked.shape == rec.shape == pasted.shape == (4, 2, 3, 64, 64)
+    _, pred, mask = m(x, noise=noise)
+    assert torch.allclose(rec, m.unpatchify(pred).unflatten(0, (4, 2)), atol=1e-6)
+    vis = 1 - models.upsample_mask(mask.unflatten(0, (4, 2)), (4, 4), 16)[:, :, None]
+    assert torch.equal(pasted * vis, x * vis) and torch.equal(masked * (1 - vis), torch.zeros_like(masked))
+    with pytest.raises(ValueError, match='norm_pix_loss'): models.reconstruct(m, x, space='borrowed')
+    with pytest.raises(ValueError, match='space must be'): models.reconstruct(m, x, space='rgb')
+
+def test_reconstruct_norm_pix_spaces():
+    m, x, noise = _tiny(True), torch.randn(2, 3, 64, 64), torch.rand(2, 16)
+    _, pred, _ = m(x, noise=noise)
+    t = models.patchify(x)
+    masked, rec, pasted = models.reconstruct(m, x, noise=noise)          # default 'normalised' for a norm-pix model
+    assert torch.allclose(rec, m.unpatchify(pred).unflatten(0, (4, 2)), atol=1e-6)
+    # the visible patches are shown in the target's units: each patch has mean 0 and variance 1
+    target = m.unpatchify(models.normalise_patches(t))
+    assert torch.allclose(masked.sum(0), target, atol=1e-5)               # the K views' visible patches tile the target
+    # 'borrowed' uses the hidden patches' own mean and std: the old behaviour, now opt-in
+    _, b, _ = models.reconstruct(m, x, noise=noise, space='borrowed')
+    sd, mu = (t.var(-1, keepdim=True) + 1e-6) ** .5, t.mean(-1, keepdim=True)
+    assert torch.allclose(b, m.unpatchify((pred.unflatten(0, (4, 2)) * sd + mu).flatten(0, 1)).unflatten(0, (4, 2)), atol=1e-5)
+
+def test_show_views_one_and_k_views():
+    import matplotlib; matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    for comp, n_axes in [(False, 4), (True, 15)]:
+        m, x = _tiny(False, comp), torch.randn(1, 3, 64, 64)
+        fig = models.show_views(x, *models.reconstruct(m, x))
+        assert len(fig.axes) == n_axes and fig.get_size_inches()[0] * fig.dpi >= 600
+        plt.close(fig)
+
+def test_visual_checkpoint_round_trip(tmp_path, monkeypatch):
+    from fastconvmae import visualise as V
+    monkeypatch.setenv('FASTCONVMAE_VISUAL_CKPT', str(tmp_path / 'missing.pth'))
+    assert V.find_visual_checkpoint(tmp_path / 'nothing.pth') in (None, V.find_visual_checkpoint())
+    m = models.create_model('fastconvmae_convvit_tiny_patch16', img_size=64, norm_pix_loss=False)
+    torch.save({'model': m.state_dict(), 'config': dict(arch='fastconvmae_convvit_tiny_patch16', img_size=64,
+                                                         norm_pix_loss=False)}, tmp_path / 'v.pth')
+    assert V.find_visual_checkpoint(tmp_path / 'v.pth') == tmp_path / 'v.pth'
+    m2 = V.load_pretrained(tmp_path / 'v.pth')
+    assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), m2.state_dict().values()))
+    x = torch.randn(2, 3, 96, 64)                                          # another size: dynamic_img_size
+    c = V.as_convmae(m2)
+    assert not c.complementary and m2.complementary
+    feats, hw = V.stage3_tokens(m2, x)
+    assert feats.shape == (2, 24, 192) and hw == (6, 4)
+    rgb = V.pca_rgb(feats, hw)
+    assert rgb.shape == (2, 6, 4, 3) and rgb.min() >= 0 and rgb.max() <= 1
+    att = V.stage3_attention(m2, x, block=0)
+    assert att.shape == (2, 3, 24, 24) and torch.allclose(att.sum(-1), torch.ones(2, 3, 24), atol=1e-5)
