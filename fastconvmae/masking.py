@@ -111,12 +111,15 @@ def load_demo_image(path, size: int|tuple[int, int]=224) -> Tensor:
 
 # %% ../nbs/00_masking.ipynb #8e870d0e
 def show_mask_stages(img: Tensor, mask: Tensor, hw: tuple[int, int], scales=(4, 2, 1)):
-    "Figure: `img` [3, H, W] in [0, 1] and its token `mask` [L] (1 = hidden) at each stage's resolution."
+    "Figure: `img` [3, H, W] in [0, 1], then the photo at each stage's resolution with the token `mask` [L] (1 = hidden) upsampled onto it."
     import matplotlib.pyplot as plt
-    fig, axs = plt.subplots(1, len(scales) + 1, figsize=(2.2 * (len(scales) + 1), 2.5), dpi=70)
+    import torch.nn.functional as F
+    fig, axs = plt.subplots(1, len(scales) + 1, figsize=(2.6 * (len(scales) + 1), 3), dpi=72)
     axs[0].imshow(img.permute(1, 2, 0).clamp(0, 1)); axs[0].set_title(f'image {img.shape[1]} x {img.shape[2]}')
     for i, (ax, s) in enumerate(zip(axs[1:], scales)):
-        ax.imshow(1 - upsample_mask(mask, hw, s), cmap='gray', vmin=0, vmax=1)
+        small = F.adaptive_avg_pool2d(img[None], (hw[0] * s, hw[1] * s))[0]     # the photo at this stage's resolution
+        vis = 1 - upsample_mask(mask, hw, s)
+        ax.imshow((small * (0.15 + 0.85 * vis)).permute(1, 2, 0).clamp(0, 1), interpolation='nearest')
         ax.set_title(f'stage {i + 1}: {hw[0] * s} x {hw[1] * s}')
     for ax in axs: ax.axis('off')
     fig.tight_layout()
