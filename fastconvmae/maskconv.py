@@ -11,7 +11,7 @@ from torch import Tensor
 from timm.layers import DropPath
 
 # %% auto #0
-__all__ = ['Conv1x1', 'conv_nhwc', 'depthwise_nhwc', 'masked_dwconv', 'CMlp', 'CBlock']
+__all__ = ['Conv1x1', 'conv_nhwc', 'masked_dwconv', 'depthwise_nhwc', 'CMlp', 'CBlock']
 
 # %% ../nbs/01_maskconv.ipynb #d3ba0122
 class Conv1x1(nn.Conv2d):
@@ -24,6 +24,21 @@ class Conv1x1(nn.Conv2d):
 def conv_nhwc(conv: nn.Conv2d, x: Tensor) -> Tensor:
     "Apply a `Conv2d` to channels-last [B, H, W, C] input, returning channels-last [B, H', W', C']."
     return conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+
+# %% ../nbs/01_maskconv.ipynb #d3ea0254
+def masked_dwconv(conv: nn.Conv2d, # a depthwise 5x5 Conv2d (groups = channels)
+                  x: Tensor, # [B, H, W, C] channels-last feature map
+                  vis: Tensor|None=None, # [K, B, H, W, 1] visibility of each view (1 = visible), or None
+                 ) -> Tensor: # [B, H, W, C]
+    "Depthwise conv in which each position only sees pixels of its own view; all K views in one call (K > 1 views must tile the map)."
+    with _fp32_on_cpu(x) as x:
+        if vis is None: return depthwise_nhwc(conv, x)
+        K = vis.shape[0]
+        xk = (x.unsqueeze(0) * vis).flatten(0, 1)            # [K*B, H, W, C]: each view sees only its pixels
+        y = depthwise_nhwc(conv, xk).unflatten(0, (K, -1))   # [K, B, H, W, C]: one batched convolution
+        if K == 1: return y[0] * vis[0]
+        own = vis.argmax(0, keepdim=True).expand(1, *y.shape[1:])  # [1, B, H, W, C] the view that sees each position
+        return y.gather(0, own)[0]                           # each position keeps its own view's output
 
 # %% ../nbs/01_maskconv.ipynb #a059c4da
 from contextlib import contextmanager
@@ -55,21 +70,6 @@ def depthwise_nhwc(conv: nn.Conv2d, x: Tensor) -> Tensor:
     "A stride-1 depthwise `conv` on channels-last [B, H, W, C]; on CPU through `_DepthwiseConvFn` (same numbers, faster backward)."
     if x.device.type != 'cpu' or conv.bias is None or conv.stride != (1, 1): return conv_nhwc(conv, x)
     return _DepthwiseConvFn.apply(x.permute(0, 3, 1, 2), conv.weight, conv.bias, conv.padding[0]).permute(0, 2, 3, 1)
-
-# %% ../nbs/01_maskconv.ipynb #d3ea0254
-def masked_dwconv(conv: nn.Conv2d, # a depthwise 5x5 Conv2d (groups = channels)
-                  x: Tensor, # [B, H, W, C] channels-last feature map
-                  vis: Tensor|None=None, # [K, B, H, W, 1] visibility of each view (1 = visible), or None
-                 ) -> Tensor: # [B, H, W, C]
-    "Depthwise conv in which each position only sees pixels of its own view; all K views in one call (K > 1 views must tile the map)."
-    with _fp32_on_cpu(x) as x:
-        if vis is None: return depthwise_nhwc(conv, x)
-        K = vis.shape[0]
-        xk = (x.unsqueeze(0) * vis).flatten(0, 1)            # [K*B, H, W, C]: each view sees only its pixels
-        y = depthwise_nhwc(conv, xk).unflatten(0, (K, -1))   # [K, B, H, W, C]: one batched convolution
-        if K == 1: return y[0] * vis[0]
-        own = vis.argmax(0, keepdim=True).expand(1, *y.shape[1:])  # [1, B, H, W, C] the view that sees each position
-        return y.gather(0, own)[0]                           # each position keeps its own view's output
 
 # %% ../nbs/01_maskconv.ipynb #162defb9
 class CMlp(nn.Module):
