@@ -14,7 +14,7 @@ def render(nb_path=ROOT / 'nbs' / 'index.ipynb') -> str:
     out = []
     for c in nb['cells']:
         src = ''.join(c['source']).strip('\n')
-        if c['cell_type'] == 'markdown': out.append(src)
+        if c['cell_type'] == 'markdown': out.append(src.replace('](images/', '](nbs/images/'))  # notebook-relative image links
         elif c['cell_type'] == 'code' and src and not src.startswith('#| hide'):
             out.append(f'```python\n{src}\n```')
             texts = [''.join(o.get('text', '')) if o.get('name') == 'stdout' else ''.join(o.get('data', {}).get('text/plain', ''))
