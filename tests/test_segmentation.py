@@ -305,6 +305,13 @@ def test_cli_train_evaluate_predict(tmp_path):
     r = _cli('evaluate', root, '--checkpoint', out/'segmenter.pth', '--mode', 'slide', '--flip')
     assert r.returncode == 0, r.stderr
     s = json.loads(r.stdout.strip().splitlines()[-1]); assert 0 <= s['mIoU'] <= 1 and s['test_cfg']['flip'] is True
+    # two processes (torchrun, Gloo): each scores its share, the confusion matrices are summed: the same numbers
+    r2 = subprocess.run([str(BIN/'torchrun'), '--nproc_per_node', '2', '-m', 'fastconvmae.segmentation', 'evaluate', str(root),
+                         '--checkpoint', str(out/'segmenter.pth'), '--mode', 'slide', '--flip'], capture_output=True, text=True,
+                        timeout=300, env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    assert r2.returncode == 0, r2.stderr
+    s2 = json.loads(r2.stdout.strip().splitlines()[-1])
+    assert s2['mIoU'] == pytest.approx(s['mIoU'], abs=1e-9) and s2['aAcc'] == pytest.approx(s['aAcc'], abs=1e-9)
     r = _cli('predict', root/'images'/'validation', '--checkpoint', out/'segmenter.pth', '--output', tmp_path/'pred')
     assert r.returncode == 0, r.stderr
     assert sorted(p.name for p in (tmp_path/'pred').glob('*.png')) == ['000.png', '001.png', '002.png']
