@@ -4,7 +4,7 @@
 
 # %% ../nbs/07_finetune.ipynb #cc02074e
 from __future__ import annotations
-import argparse, json, math, os, pickle, random, re, time, warnings
+import argparse, json, math, os, pickle, random, re, sys, time, warnings
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -28,50 +28,88 @@ from timm.data import create_transform, Mixup, IMAGENET_DEFAULT_MEAN, IMAGENET_D
 from timm.layers import trunc_normal_
 from .encoder import ConvViT, to_hw
 from .models import create_model
-from .data import ImageFolderDataset, PretrainDL, eval_transform, pretrain_transform, show_images
-from .pretrain import (AnyDeviceMixedPrecision, ShardedTrainer, PretrainCheckpoint, RestoreState, adamw as _adamw,
-                                  lr_schedule, atomic_save, unwrap, launch_setup, load_checkpoint as load_own_checkpoint)
+from .data import ImageFolderDataset, PretrainDL, UNREADABLE, eval_transform, pretrain_transform, show_images
+from .pretrain import (AnyDeviceMixedPrecision, ShardedTrainer, PretrainCheckpoint, RestoreState, SkipEpochs, RunLog,
+                                  adamw as _adamw, lr_schedule, atomic_save, unwrap, launch_setup, seed_rank,
+                                  load_checkpoint as load_own_checkpoint, UserError, check_args, prepare_output, run_cli,
+                                  console_progress)
 from fastai.distributed import rank_distrib, num_distrib
 from fastai.callback.progress import CSVLogger, ProgressCallback
 
 # %% auto #0
-__all__ = ['SAFE_GLOBALS', 'FINETUNE_PRESETS', 'UnsafeCheckpointError', 'load_checkpoint', 'checkpoint_state_dict',
-           'convert_state_dict', 'CheckpointMismatchError', 'LoadReport', 'load_pretrained', 'convvit_layer_id',
+__all__ = ['SAFE_GLOBALS', 'EMA_PREFIX', 'FINETUNE_PRESETS', 'SETTING_KINDS', 'BadCheckpointError', 'CheckpointNotFoundError',
+           'UnsafeCheckpointError', 'load_checkpoint', 'CheckpointMismatchError', 'checkpoint_state_dict',
+           'checkpoint_layout', 'convert_state_dict', 'LoadReport', 'load_pretrained', 'convvit_layer_id',
            'LayerGroups', 'layer_decay_groups', 'posterize_any_bits', 'finetune_transform', 'finetune_eval_transform',
-           'ClassifierDL', 'classifier_dls', 'finetune_dls', 'MixupCallback', 'SoftTargetLoss', 'TopK', 'precision_cbs',
-           'check_classes', 'CheckClasses', 'scaled_lr', 'adamw', 'finetune_learner', 'plot_top_losses', 'finetune',
-           'results', 'save_finetuned', 'main']
+           'ClassifierDL', 'classifier_dls', 'finetune_dls', 'MixupCallback', 'SoftTargetLoss', 'TopK',
+           'UnscoredReport', 'precision_cbs', 'check_classes', 'CheckClasses', 'scaled_lr', 'adamw', 'finetune_learner',
+           'plot_top_losses', 'classifier_archs', 'check_settings', 'FinetuneCheckpoint', 'finetune', 'results',
+           'save_finetuned', 'main']
 
 # %% ../nbs/07_finetune.ipynb #219fcabe
 #: classes a checkpoint may contain besides tensors and plain containers: the official files' `args`
 SAFE_GLOBALS = (argparse.Namespace,)
 
-class UnsafeCheckpointError(pickle.UnpicklingError):
+class BadCheckpointError(UserError):
+    "A file that is not a readable checkpoint: empty, truncated, or not a PyTorch / safetensors file at all"
+
+class CheckpointNotFoundError(UserError, FileNotFoundError):
+    "A checkpoint path that does not name a file"
+
+class UnsafeCheckpointError(UserError, pickle.UnpicklingError):
     "A checkpoint that needs more than `weights_only` unpickling (plus `SAFE_GLOBALS`) to load"
+
+def _blocked_global(msg: str) -> str|None:
+    "The global torch's safe unpickler refused, from its error message"
+    m = re.search(r'GLOBAL ([\w.]+)', msg) or re.search(r'global ([\w.]+) was not an allowed global', msg)
+    return m.group(1) if m else None
+
+def _torch_reason(msg: str) -> str:
+    "The informative line of a `weights_only` error, without torch's generic advice"
+    lines = [l.strip() for l in msg.splitlines() if l.strip()]
+    keep = [l for l in lines if not l.startswith(('Weights only load failed', 'Check the documentation', 'Please file an issue',
+                                                  'In PyTorch 2.6', 'Re-running'))]
+    line = (keep or lines or ['unknown reason'])[0]
+    return line.split('. ')[0] if len(line) > 120 else line  # first sentence of a long explanation
 
 def load_checkpoint(path, safe_globals=(), trusted: bool=False, map_location='cpu'):
     "Read a checkpoint file without running code: safetensors, or `torch.load(weights_only=True)` allowing `SAFE_GLOBALS` + `safe_globals`"
     path = Path(path).expanduser()
-    if not path.is_file(): raise FileNotFoundError(f"checkpoint not found: {path}")
+    if not path.is_file(): raise CheckpointNotFoundError(f"checkpoint not found: {path}")
+    size = path.stat().st_size
+    if size == 0: raise BadCheckpointError(f"{path} is empty (0 bytes): not a checkpoint (an interrupted download or copy?)")
     if path.suffix == '.safetensors':
         from safetensors.torch import load_file
-        return load_file(str(path), device=str(map_location))
-    if trusted:  # the caller vouches for the file: full unpickling, on request only
-        return torch.load(path, map_location=map_location, weights_only=False)
+        try: return load_file(str(path), device=str(map_location))
+        except Exception as e: raise BadCheckpointError(f"{path} is not a readable safetensors file: {e}") from None
+    with open(path, 'rb') as f: head = f.read(4)
+    if not (head.startswith(b'PK\x03\x04') or head[:1] == b'\x80'):  # torch's zip format, or a legacy pickle (protocol >= 2)
+        raise BadCheckpointError(f"{path} is not a PyTorch checkpoint (neither a torch.save zip archive nor a pickle; "
+                                 f"it starts with bytes {head!r})")
     try:
+        if trusted: return torch.load(path, map_location=map_location, weights_only=False)  # the caller vouches for the file
         with torch.serialization.safe_globals([*SAFE_GLOBALS, *safe_globals]):
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        why = next((l.strip() for l in str(e).splitlines() if 'WeightsUnpickler error' in l), str(e).strip().splitlines()[-1:])
-        blocked = re.findall(r'GLOBAL ([\w.]+)', why)
-        what = f"the global {blocked[0]!r}" if blocked else "an object"
+        blocked = None if trusted else _blocked_global(str(e))
+        if blocked is None: raise BadCheckpointError(f"{path} is not a readable checkpoint: {_torch_reason(str(e))}") from None
+        mod, _, name = blocked.rpartition('.')
+        alias = f" (os.{name})" if mod in ('posix', 'nt') else ''
         raise UnsafeCheckpointError(
-            f"{path} contains {what}, which safe loading (weights_only=True) does not allow. Allow-list the class with "
-            f"safe_globals=[...] or, only for a file you trust, pass trusted=True (CLI: --trusted). torch: {why}") from None
+            f"{path} was refused: it contains the global {blocked!r}{alias}, which safe loading (weights_only=True) does not "
+            f"allow (it could run code); if you trust the file, allow-list the class with safe_globals=[...] or pass "
+            f"trusted=True (CLI: --trusted)") from None
+    except Exception as e:  # a truncated archive, random bytes after a plausible header, ...
+        raise BadCheckpointError(f"{path} is not a readable checkpoint (truncated or corrupt?): {type(e).__name__}: "
+                                 f"{_torch_reason(str(e)) if str(e) else 'no details'}") from None
 
 # %% ../nbs/07_finetune.ipynb #63e78e11
 _CONTAINER_KEYS = ('model', 'state_dict', 'model_ema', 'module')
 _PRETRAIN_ONLY = re.compile(r'^(decoder_|mask_token|stage1_output_decode\.|stage2_output_decode\.)')
+EMA_PREFIX = 'teachers.ema.'  # the EMA teacher's trunk in a MoR checkpoint (official names after the prefix)
+
+class CheckpointMismatchError(UserError):
+    "A checkpoint that does not fit the model (other architecture, widths or number of classes)"
 
 def checkpoint_state_dict(ckpt) -> tuple[dict, str]:
     "`(state_dict, container)` from a loaded checkpoint: the first of `model`, `state_dict`, `model_ema`, `module`, or the dict itself"
@@ -86,27 +124,54 @@ def _strip(k: str, prefixes=('module.', '_orig_mod.')) -> str:
     while k.startswith(prefixes): k = k[len(next(p for p in prefixes if k.startswith(p))):]
     return k
 
-def convert_state_dict(sd: dict, global_pool: bool=True) -> tuple[dict, dict, str]:
-    "Map an Alpha-VL / EasyCV / fastconvmae state dict to `ConvViT` names: `(state_dict, dropped {reason: [keys]}, layout)`"
+def checkpoint_layout(sd: dict) -> str:
+    "'EasyCV pretraining', 'EasyCV classifier', 'MoR' or 'official', from the names of a (wrapper-stripped) state dict"
+    if any(k.startswith('encoder.patch_embed1.') for k in sd): return 'EasyCV pretraining'
+    if any(k.startswith('backbone.patch_embed1.') for k in sd): return 'EasyCV classifier'
+    if any(k.startswith((EMA_PREFIX, 'decoder_branches.')) for k in sd): return 'MoR'
+    return 'official'
+
+def _rename(k: str, layout: str, from_ema: bool) -> tuple[str|None, str]:
+    "(official name or None, why it is dropped) of checkpoint name `k`"
+    if layout == 'EasyCV pretraining':
+        if k.startswith('encoder.'): return k[len('encoder.'):], ''
+        return None, 'EasyCV decoder' if k.startswith('decoder.') else 'not in the EasyCV encoder'
+    if layout == 'EasyCV classifier':
+        if k.startswith('backbone.'): return k[len('backbone.'):], ''
+        if k.startswith('head_0.fc_cls.'): return 'head.' + k[len('head_0.fc_cls.'):], ''
+        return None, 'other EasyCV heads and necks'
+    if layout == 'MoR':
+        if k.startswith(EMA_PREFIX): return (k[len(EMA_PREFIX):], '') if from_ema else (None, 'MoR EMA teacher (from_ema=True loads it)')
+        if k.startswith('teachers.'): return None, 'MoR teachers'
+        if k.startswith('decoder_branches.'): return None, 'MoR decoder branches'
+    return k, ''
+
+def convert_state_dict(sd: dict, global_pool: bool=True, target=None, from_ema: bool=False) -> tuple[dict, dict, str]:
+    "Map a state dict of any supported layout to official ConvViT names: `(state_dict, dropped {reason: [keys]}, layout)`"
     sd = {_strip(k): v for k, v in sd.items()}
-    easycv = any(k.startswith('backbone.') for k in sd)
+    layout = checkpoint_layout(sd)
+    if from_ema and not any(k.startswith(EMA_PREFIX) for k in sd):
+        raise CheckpointMismatchError(f"from_ema=True (CLI: --from_ema), but this {layout} checkpoint has no EMA teacher "
+                                      f"('{EMA_PREFIX}*' tensors): only MoR checkpoints with the 'ema' target have one")
+    keep = set(target) if target is not None else None
     out, dropped = {}, {}
     drop = lambda why, k: dropped.setdefault(why, []).append(k)
     for k, v in sd.items():
-        if easycv:
-            if k.startswith('neck.'): drop('decoder (EasyCV neck)', k); continue
-            if k.startswith('backbone.'): k = k[len('backbone.'):]
-            elif k.startswith('head.fc_cls.'): k = 'head.' + k[len('head.fc_cls.'):]
-        if _PRETRAIN_ONLY.match(k): drop('pretraining only (decoder, mask token, fusion)', k); continue
-        if global_pool and k.startswith('norm.'): drop('pretraining norm (global-pool classifiers use a new fc_norm)', k); continue
-        out[k] = v
-    layout = 'easycv' if easycv else 'pretrain' if dropped else 'classifier'
+        name, why = _rename(k, layout, from_ema)
+        if name is None: drop(why, k); continue
+        pretrain_only, pre_norm = bool(_PRETRAIN_ONLY.match(name)), name.startswith('norm.')
+        unwanted = name not in keep if keep is not None else pretrain_only or (global_pool and pre_norm)
+        if unwanted and pretrain_only: drop('pretraining only (decoder, mask token, fusion)', k)
+        elif unwanted and pre_norm: drop('pretraining norm (global-pool classifiers use a new fc_norm)', k)
+        else: out[name] = v
+    if from_ema:  # the teacher's trunk replaces the student's: keep the student only where the teacher has nothing
+        ema = {k[len(EMA_PREFIX):] for k in sd if k.startswith(EMA_PREFIX)}
+        for k in [k for k in sd if k in ema]: drop('MoR student encoder (from_ema=True: the EMA teacher is loaded)', k)
+        out = {k: sd[EMA_PREFIX + k] if k in ema else v for k, v in out.items()}
+    if layout == 'official': layout = 'official pretraining' if dropped else 'official'
     return out, dropped, layout
 
 # %% ../nbs/07_finetune.ipynb #f29f42f4
-class CheckpointMismatchError(ValueError):
-    "A checkpoint that does not fit the model (other architecture, widths or number of classes)"
-
 @dataclass
 class LoadReport:
     "What `load_pretrained` did"
@@ -131,13 +196,13 @@ def _grid_of(pe: Tensor) -> str:
     s = math.isqrt(pe.shape[1]); return f"{s}x{s}" if s * s == pe.shape[1] else f"{pe.shape[1]}-token"
 
 def load_pretrained(model: ConvViT, ckpt, reset_head: bool=False, head_init_std: float=2e-5, safe_globals=(),
-                    trusted: bool=False, verbose: bool=True) -> LoadReport:
+                    trusted: bool=False, verbose: bool=True, from_ema: bool=False, source: str|None=None) -> LoadReport:
     "Load a checkpoint (path or loaded dict) of any supported layout into `model`; raises `CheckpointMismatchError` listing every misfit"
-    source = str(ckpt) if isinstance(ckpt, (str, Path)) else 'a state dict'
+    source = source or (str(ckpt) if isinstance(ckpt, (str, Path)) else 'a state dict')
     if isinstance(ckpt, (str, Path)): ckpt = load_checkpoint(ckpt, safe_globals, trusted)
     sd, container = checkpoint_state_dict(ckpt)
-    sd, dropped, layout = convert_state_dict(sd, getattr(model, 'global_pool', True))
     own = model.state_dict()
+    sd, dropped, layout = convert_state_dict(sd, getattr(model, 'global_pool', True), target=own, from_ema=from_ema)
     head_keys = [k for k in own if k.startswith('head.')]
     if not head_keys:  # a model without a classifier (num_classes=0): any checkpoint head is not needed
         for k in [k for k in sd if k.startswith('head.')]: dropped.setdefault('head (the model has none)', []).append(k); sd.pop(k)
@@ -164,7 +229,7 @@ def load_pretrained(model: ConvViT, ckpt, reset_head: bool=False, head_init_std:
     if shapes: problems.append(f"{len(shapes)} shape mismatches: {_short(shapes, 4)}")
     if problems:
         arch = type(model).__name__ + f"(embed_dim={tuple(model.embed_dim)}, depth={tuple(model.depth)})"
-        raise CheckpointMismatchError(f"{source} ({layout} layout) does not fit {arch}:\n  - " + '\n  - '.join(problems))
+        raise CheckpointMismatchError(f"{source} ({layout} layout) does not fit {arch}: " + '; '.join(problems))
     resampled = None
     if 'pos_embed' in sd and sd['pos_embed'].shape != own['pos_embed'].shape:
         resampled = (_grid_of(sd['pos_embed']), f"{model.grid[0]}x{model.grid[1]}")
@@ -263,26 +328,29 @@ class ClassifierDL(PretrainDL):
 def _split_dirs(path: Path) -> tuple[Path, Path]:
     trn = path/'train'
     val = next((path/o for o in ('val', 'valid') if (path/o).is_dir()), None)
-    if not trn.is_dir() or val is None: raise FileNotFoundError(f"{path} must hold train/ and val/ (or valid/) class folders")
+    if not trn.is_dir() or val is None: raise UserError(f"{path} must hold train/ and val/ (or valid/) class folders")
     return trn, val
 
 def classifier_dls(path, train_tfm, valid_tfm, bs: int=64, num_workers: int|None=None, seed: int=0, device=None,
-                   rank: int=0, world_size: int=1, val_bs: int|None=None, pin_memory: bool|None=None) -> DataLoaders:
+                   rank: int=0, world_size: int=1, val_bs: int|None=None, pin_memory: bool|None=None,
+                   train_unreadable: str='replace', drop_last: bool=True) -> DataLoaders:
     "fastai `DataLoaders` of `path/train` and `path/val` (ImageNet layout) with the given transforms"
     path = Path(path).expanduser()
+    if not path.is_dir(): raise UserError(f"dataset folder not found: {path}")
     trn, val = _split_dirs(path)
-    train_ds, valid_ds = ImageFolderDataset(trn, train_tfm), ImageFolderDataset(val, valid_tfm)
-    if not train_ds.classes: raise ValueError(f"{trn} has no class folders: fine-tuning needs labelled data (root/<class>/*.jpg)")
+    train_ds = ImageFolderDataset(trn, train_tfm, unreadable=train_unreadable)
+    valid_ds = ImageFolderDataset(val, valid_tfm, unreadable='mark')  # unreadable images are left out of the metrics, not replaced
+    if not train_ds.classes: raise UserError(f"{trn} has no class folders: fine-tuning needs labelled data (root/<class>/*.jpg)")
     if valid_ds.classes != train_ds.classes:
-        raise ValueError(f"the classes of {val} ({len(valid_ds.classes)}) differ from those of {trn} ({len(train_ds.classes)}): "
+        raise UserError(f"the classes of {val} ({len(valid_ds.classes)}) differ from those of {trn} ({len(train_ds.classes)}): "
                          f"{sorted(set(valid_ds.classes) ^ set(train_ds.classes))[:5]}")
     n_train = math.ceil(len(train_ds) / world_size)
-    if n_train < bs: raise ValueError(f"{trn} has {len(train_ds)} images ({n_train} per process): fewer than one batch of {bs}")
+    if drop_last and n_train < bs: raise UserError(f"{trn} has {len(train_ds)} images ({n_train} per process): fewer than one batch of {bs} (--bs)")
     device = default_device() if device is None else torch.device(device)
     nw = defaults.cpus if num_workers is None else num_workers
     pin = device.type == 'cuda' if pin_memory is None else pin_memory
     kw = dict(seed=seed, rank=rank, world_size=world_size, num_workers=nw, pin_memory=pin, device=device)
-    train = ClassifierDL(train_ds, bs=bs, shuffle=True, drop_last=True, **kw)
+    train = ClassifierDL(train_ds, bs=bs, shuffle=True, drop_last=drop_last, **kw)
     valid = ClassifierDL(valid_ds, bs=val_bs or bs, shuffle=False, drop_last=False, **kw)
     return DataLoaders(train, valid, path=path, device=device)
 
@@ -318,33 +386,53 @@ class SoftTargetLoss:
     def __init__(self, reduction: str='mean'): self.reduction = reduction  # fastai sets 'none' for per-item losses
     def __call__(self, pred: Tensor, targ: Tensor) -> Tensor:
         pred = pred.float()
-        if targ.is_floating_point(): loss = torch.sum(-targ * F.log_softmax(pred, dim=-1), dim=-1)
-        else: loss = F.cross_entropy(pred, targ, reduction='none')
-        return loss.mean() if self.reduction == 'mean' else loss.sum() if self.reduction == 'sum' else loss
+        if targ.is_floating_point(): loss, n = torch.sum(-targ * F.log_softmax(pred, dim=-1), dim=-1), len(targ)
+        else: loss, n = F.cross_entropy(pred, targ, reduction='none', ignore_index=UNREADABLE), (targ != UNREADABLE).sum()
+        return loss.sum() / max(int(n), 1) if self.reduction == 'mean' else loss.sum() if self.reduction == 'sum' else loss
     def activation(self, x: Tensor) -> Tensor: return F.softmax(x.float(), dim=-1)
     def decodes(self, x: Tensor) -> Tensor: return x.argmax(dim=-1)
     def __repr__(self): return 'SoftTargetLoss()'
 
 # %% ../nbs/07_finetune.ipynb #99f6d485
 class TopK(Metric):
-    "Top-`k` accuracy over the whole validation set (summed over processes when distributed)"
+    "Top-`k` accuracy over the readable images of the whole validation set (summed over processes when distributed)"
     def __init__(self, k: int=1): self.k = k
-    def reset(self): self.correct, self.total, self._value = 0, 0, None
+    def reset(self): self.correct, self.total, self.unscored, self._counts = 0, 0, 0, None
     def accumulate(self, learn):
         pred, targ = learn.pred, learn.yb[0]
         if targ.is_floating_point(): targ = targ.argmax(-1)
+        ok = targ != UNREADABLE                         # images the dataset could not read: counted, not scored
         k = min(self.k, pred.shape[-1])
-        self.correct += (pred.topk(k, dim=-1).indices == targ[:, None]).any(-1).sum().item()
-        self.total += len(targ); self._value = None
+        self.correct += ((pred.topk(k, dim=-1).indices == targ[:, None]).any(-1) & ok).sum().item()
+        self.total += int(ok.sum()); self.unscored += int((~ok).sum()); self._counts = None
+    @property
+    def counts(self) -> tuple[int, int, int]:
+        "`(correct, scored, unscored)` over all processes"
+        if self._counts is None:  # one all-reduce per validation, however often the value is read
+            c = torch.tensor([self.correct, self.total, self.unscored], dtype=torch.float64)
+            if torch.distributed.is_available() and torch.distributed.is_initialized(): torch.distributed.all_reduce(c)
+            self._counts = tuple(int(v) for v in c.tolist())
+        return self._counts
     @property
     def value(self):
-        if self._value is None:  # one all-reduce per validation, however often the value is read
-            c = torch.tensor([self.correct, self.total], dtype=torch.float64)
-            if torch.distributed.is_available() and torch.distributed.is_initialized(): torch.distributed.all_reduce(c)
-            self._value = (c[0] / c[1]).item() if c[1] > 0 else None
-        return self._value
+        correct, total, _ = self.counts
+        return correct / total if total else None
     @property
     def name(self): return f'top{self.k}'
+
+class UnscoredReport(Callback):
+    "After each validation, report the unreadable validation images the metrics left out (rank 0 prints)"
+    order = 55  # after the Recorder has read the metrics
+    def __init__(self, log=print): self.log = log
+    def before_fit(self): self.learn.valid_unreadable = 0
+    def after_validate(self):
+        tk = next((m for m in self.learn.metrics if isinstance(m, TopK)), None)
+        if tk is None: return
+        _, scored, unscored = tk.counts
+        self.learn.valid_unreadable, self.learn.valid_scored = unscored, scored
+        if unscored and rank_distrib() == 0:
+            self.log(f"epoch {self.epoch}: {unscored} unreadable validation image(s) left out of the metrics "
+                     f"(top-1/top-5 over the {scored} readable ones)")
 
 # %% ../nbs/07_finetune.ipynb #1efea862
 def precision_cbs(precision: str='fp32') -> list:
@@ -388,11 +476,12 @@ def finetune_learner(dls, model: nn.Module, lr: float|None=None, blr: float=5e-4
                      mixup_switch_prob: float=0.5, smoothing: float=0.1, precision: str='fp32', world_size: int=1,
                      accum: int=1, cbs=None, **kwargs) -> Learner:
     "A fastai `Learner` with the official fine-tuning recipe; fit it with `learn.fit_warmup_cos(epochs, warmup_epochs=..., min_lr=...)`"
+    if not (isinstance(accum, int) and accum >= 1): raise ValueError(f"accum must be a positive integer, got {accum}")
     check_classes(dls, model)
     n_cls = _n_out(model)
     groups = layer_decay_groups(model, layer_decay, weight_decay)
     lr = scaled_lr(blr, dls.train.bs, world_size, accum) if lr is None else lr
-    cbs = [CheckClasses(), MixupCallback(n_cls, mixup, cutmix, prob=mixup_prob, switch_prob=mixup_switch_prob, smoothing=smoothing),
+    cbs = [CheckClasses(), UnscoredReport(), MixupCallback(n_cls, mixup, cutmix, prob=mixup_prob, switch_prob=mixup_switch_prob, smoothing=smoothing),
            *precision_cbs(precision), *([GradientAccumulation(dls.train.bs * accum)] if accum > 1 else []), *(cbs or [])]
     learn = Learner(dls, model, loss_func=SoftTargetLoss(), opt_func=adamw, lr=lr, splitter=groups.splitter, wd=groups.wds,
                     metrics=[TopK(1), TopK(5)], cbs=cbs, **kwargs)
@@ -423,54 +512,118 @@ FINETUNE_PRESETS = dict(
 )
 
 # %% ../nbs/07_finetune.ipynb #e9455310
+#: the range of every numeric setting (kinds of `fastconvmae.pretrain.check_args`); checked before anything is loaded
+SETTING_KINDS = dict(img_size='img_size', bs='pos_int', accum='pos_int', epochs='pos_int', warmup_epochs='nonneg', lr='pos',
+                     blr='pos', min_lr='nonneg', layer_decay='pos', weight_decay='nonneg', drop_path='unit', reprob='unit',
+                     mixup='nonneg', cutmix='nonneg', mixup_prob='unit', smoothing='unit', num_workers='nonneg_int',
+                     crop_pct='pos', num_classes='pos_int')
+
+def classifier_archs() -> list[str]:
+    "The classifiers `finetune` and `linprobe` can build (the pretraining models are `fastconvmae_*` / `convmae_*`)"
+    from fastconvmae.models import MODELS
+    return sorted(a for a in MODELS if a.startswith('convvit_'))
+
+def check_settings(c: dict, seed: int=0):
+    "Raise a one-line `UserError` naming the option for any setting of `c` (a preset with overrides) out of its range"
+    check_args(seed=(seed, 'nonneg_int'), **{k: (c[k], kind) for k, kind in SETTING_KINDS.items() if k in c})
+    for k, closed in [('layer_decay', True), ('crop_pct', True), ('drop_path', False), ('smoothing', False)]:  # upper bound 1
+        v = c.get(k)
+        if v is not None and (v > 1 or v == 1 and not closed): raise UserError(f"--{k} must be {'at most' if closed else 'below'} 1, got {v}")
+    if c.get('warmup_epochs', 0) > c['epochs']:
+        raise UserError(f"--warmup_epochs ({c['warmup_epochs']:g}) must not exceed --epochs ({c['epochs']}): the lr would never reach its peak")
+    if c.get('precision') not in ('fp32', 'bf16', 'fp16'): raise UserError(f"--precision must be fp32, bf16 or fp16, got {c.get('precision')!r}")
+    if c['model'] not in classifier_archs():
+        raise UserError(f"--model {c['model']!r} is not a classifier; choose one of {', '.join(classifier_archs())}")
+    if (c.get('mixup', 0) > 0 or c.get('cutmix', 0) > 0) and c['bs'] % 2:
+        raise UserError(f"--bs must be even with Mixup/CutMix (it mixes each batch with its reverse), got {c['bs']}")
+    if c.get('aa'):
+        try: finetune_transform(c['img_size'], c['aa'])
+        except (AssertionError, ValueError, KeyError) as e: raise UserError(f"--aa {c['aa']!r} is not a timm augmentation policy: {e}") from None
+
+class FinetuneCheckpoint(PretrainCheckpoint):
+    "The pretraining chapter's `PretrainCheckpoint`, also storing the run's settings so that a resume can check them"
+    def state(self, *args, **kwargs): return {**super().state(*args, **kwargs), 'config': getattr(self.learn, 'config', None)}
+
+def _check_resume(ck: dict, c: dict, n_cls: int, path):
+    "Refuse to continue a checkpoint of another classifier (architecture, image size, classes) in one line"
+    saved = ck.get('config') or {}
+    now = {'model': c['model'], 'img_size': c['img_size'], 'num_classes': n_cls}
+    diff = [f"{k} {saved[k]} -> {v}" for k, v in now.items() if k in saved and saved[k] != v]
+    if diff: raise UserError(f"{path} is a run of {saved.get('model')} at {saved.get('img_size')} px with {saved.get('num_classes')} "
+                             f"classes; this one differs ({'; '.join(diff)}): resume with the run's settings")
+    if not isinstance(ck.get('model'), dict) or 'optimizer' not in ck or 'epoch' not in ck:
+        raise UserError(f"{path} is not a checkpoint-latest.pth of a fine-tuning or linear-probing run (use --checkpoint to start from weights)")
+
+def _progress(learn: Learner, show: bool, progress: str='bar'):
+    "fastai's progress bar (`'bar'`), one line per epoch on a non-terminal (`'auto'`), or nothing (`show=False`)"
+    if not show:
+        learn.remove_cbs([cb for cb in learn.cbs if isinstance(cb, ProgressCallback)]); learn.logger = lambda *a, **k: None
+    elif progress == 'auto': console_progress(learn)
+
+def _resume(learn: Learner, resume, c: dict, n_cls: int) -> list:
+    "Load model, optimizer and epoch of a `checkpoint-latest.pth`; the callbacks that restore the rest and skip the done epochs"
+    ck = load_own_checkpoint(resume)
+    _check_resume(ck, c, n_cls, resume)
+    try: unwrap(learn.model).load_state_dict(ck['model'])
+    except RuntimeError as e: raise UserError(f"{resume} does not fit {c['model']}: {str(e).strip().splitlines()[-1].strip()}") from None
+    learn.create_opt(); learn.opt.load_state_dict(ck['optimizer'])
+    learn.resume_epoch = ck['epoch'] + 1
+    if learn.resume_epoch >= c['epochs']:
+        raise UserError(f"{resume} already finished epoch {learn.resume_epoch} of {c['epochs']}: nothing left to train")
+    learn.dls.train.set_epoch(learn.resume_epoch)
+    return [RestoreState(ck), SkipEpochs(learn.resume_epoch)]
+
 def finetune(data, preset: str='cpu', checkpoint=None, output_dir=None, reset_head: bool=False, trusted: bool=False,
-             resume=None, device=None, seed: int=0, verbose: bool=True, fit: bool=True, cbs=None, **overrides) -> Learner:
+             resume=None, device=None, seed: int=0, verbose: bool=True, fit: bool=True, cbs=None, overwrite: bool=False,
+             from_ema: bool=False, progress: str='bar', **overrides) -> Learner:
     "Fine-tune a ConvViT on the ImageNet-layout folder `data` with `preset` (+ `overrides`), from `checkpoint` if given"
-    if preset not in FINETUNE_PRESETS: raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(FINETUNE_PRESETS)}")
+    if preset not in FINETUNE_PRESETS: raise UserError(f"unknown preset {preset!r}; choose one of {', '.join(sorted(FINETUNE_PRESETS))}")
     unknown = set(overrides) - set(FINETUNE_PRESETS[preset]) - {'lr', 'num_classes', 'crop_pct'}
     if unknown: raise TypeError(f"unknown settings {sorted(unknown)}")
     c = {**FINETUNE_PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
+    check_settings(c, seed)
+    if resume and not output_dir: output_dir = Path(resume).expanduser().parent   # a resumed run goes on in its folder
+    out = prepare_output(output_dir, resume, overwrite) if output_dir else None     # relative to the working directory
+    ck = load_checkpoint(checkpoint, trusted=trusted) if checkpoint and not resume else None  # a bad file stops here, before the data
     rank, world, device = launch_setup(seed, device)  # seeds torch: init, erasing, drop path; Python: RandAugment; NumPy: Mixup
     dls = finetune_dls(data, c['img_size'], c['bs'], c['aa'] or None, c['reprob'], c.get('crop_pct'), num_workers=c['num_workers'],
                        seed=seed, device=device, rank=rank, world_size=world)
     n_cls = c.get('num_classes') or len(dls.train.vocab)
     model = create_model(c['model'], num_classes=n_cls, img_size=c['img_size'], drop_path_rate=c['drop_path'])
-    if checkpoint and not resume: load_pretrained(model, checkpoint, reset_head=reset_head, trusted=trusted, verbose=verbose and rank == 0)
+    if ck is not None:
+        load_pretrained(model, ck, reset_head=reset_head, verbose=verbose and rank == 0, from_ema=from_ema, source=str(checkpoint))
+    if world > 1: seed_rank(seed)  # once the model is built: each rank its own augmentations, Mixup and drop paths (seed + rank)
     cbs = list(cbs or [])
-    if output_dir:
-        out = Path(output_dir); out.mkdir(parents=True, exist_ok=True)
-        cbs.append(PretrainCheckpoint(out))
-        if rank == 0: cbs.append(CSVLogger(out/'history.csv', append=bool(resume)))
+    if out is not None:
+        cbs.append(FinetuneCheckpoint(out))
+        if rank == 0: cbs.append(RunLog(out/'history.csv'))
     learn = finetune_learner(dls, model.to(device), lr=c.get('lr'), blr=c['blr'], layer_decay=c['layer_decay'],
                              weight_decay=c['weight_decay'], mixup=c['mixup'], cutmix=c['cutmix'], mixup_prob=c['mixup_prob'],
                              smoothing=c['smoothing'], precision=c['precision'], world_size=world, accum=c['accum'], cbs=cbs)
-    learn.config = {**c, 'preset': preset, 'checkpoint': str(checkpoint) if checkpoint else None, 'seed': seed, 'world_size': world}
+    learn.config = {**c, 'num_classes': n_cls, 'preset': preset, 'checkpoint': str(checkpoint) if checkpoint else None,
+                    'from_ema': from_ema, 'seed': seed, 'world_size': world}
     if world > 1: learn.add_cb(ShardedTrainer(sync_bn=False, cpu=device.type != 'cuda'))
-    if rank != 0 or not verbose:
-        learn.remove_cbs([cb for cb in learn.cbs if isinstance(cb, ProgressCallback)]); learn.logger = lambda *a, **k: None
+    _progress(learn, verbose and rank == 0, progress)
     if not fit: return learn
-    fit_cbs, learn.resume_epoch = [], 0
-    if resume:
-        ck = load_own_checkpoint(resume)
-        unwrap(learn.model).load_state_dict(ck['model'])
-        learn.create_opt(); learn.opt.load_state_dict(ck['optimizer'])
-        learn.resume_epoch = ck['epoch'] + 1
-        if learn.resume_epoch >= c['epochs']: raise ValueError(f"{resume} already finished epoch {ck['epoch']} of {c['epochs']}")
-        learn.dls.train.set_epoch(learn.resume_epoch); fit_cbs.append(RestoreState(ck))
+    learn.resume_epoch = 0
+    fit_cbs = _resume(learn, resume, c, n_cls) if resume else []
     if rank == 0 and verbose:
         print(f"fine-tuning {c['model']} at {c['img_size']} px: {len(dls.train_ds)} train / {len(dls.valid_ds)} val images, "
-              f"{n_cls} classes; batch {c['bs']} x {world} x {c['accum']}, lr {learn.lr:.2e}, {c['epochs']} epochs, {c['precision']} on {device}")
+              f"{n_cls} classes; batch {c['bs']} x {world} x {c['accum']}, lr {learn.lr:.2e}, {c['epochs']} epochs, {c['precision']} on {device}"
+              + (f"; resuming at epoch {learn.resume_epoch}" if resume else ''))
     t0 = time.time()
-    learn.fit_warmup_cos(c['epochs'], warmup_epochs=c['warmup_epochs'], min_lr=c['min_lr'], cbs=fit_cbs,
-                         reset_opt=not resume, start_epoch=learn.resume_epoch)
+    learn.fit_warmup_cos(c['epochs'], warmup_epochs=c['warmup_epochs'], min_lr=c['min_lr'], cbs=fit_cbs, reset_opt=not resume)
     learn.wall_time = time.time() - t0
-    if output_dir and rank == 0: save_finetuned(learn, Path(output_dir)/'finetuned.pth')
+    if out is not None and rank == 0: save_finetuned(learn, out/'finetuned.pth')
     return learn
 
 def results(learn: Learner) -> dict:
-    "The metrics of the last epoch, by name (`train_loss`, `valid_loss`, `top1`, `top5`)"
+    "The metrics of the last epoch by name (`train_loss`, `valid_loss`, `top1`, `top5`), and how many validation images were scored and left out"
     if not learn.recorder.values: return {}
-    return {n: float(v) for n, v in zip(learn.recorder.metric_names[1:-1], learn.recorder.values[-1]) if v is not None}
+    r = {n: float(v) for n, v in zip(learn.recorder.metric_names[1:-1], learn.recorder.values[-1]) if v is not None}
+    tk = next((m for m in learn.metrics if isinstance(m, TopK)), None)
+    if tk is not None and tk._counts is not None: r.update(valid_scored=tk.counts[1], valid_unreadable=tk.counts[2])
+    return r
 
 def save_finetuned(learn: Learner, path) -> Path:
     "Save `{'model': state_dict, 'config': ..., 'results': ...}` atomically (loadable with `weights_only=True`)"
@@ -479,34 +632,40 @@ def save_finetuned(learn: Learner, path) -> Path:
     return atomic_save({'model': sd, 'config': cfg, 'results': results(learn)}, path)
 
 # %% ../nbs/07_finetune.ipynb #89906696
+def _finetune_cli(data, preset, checkpoint, output_dir, resume, overwrite, reset_head, trusted, from_ema, device, seed, **ov):
+    learn = finetune(data, preset, checkpoint=checkpoint, output_dir=output_dir, reset_head=reset_head, trusted=trusted,
+                     resume=resume, device=device, seed=seed, overwrite=overwrite, from_ema=from_ema, progress='auto', **ov)
+    if rank_distrib() == 0:
+        r = results(learn)
+        print(json.dumps({'top1': r.get('top1'), 'top5': r.get('top5'), 'valid_unreadable': r.get('valid_unreadable', 0),
+                          'wall_time_s': round(learn.wall_time, 1)}), flush=True)
+
 @call_parse
 def main(data: Param("dataset root with train/ and val/ class folders (ImageNet layout)", str),
          preset: Param("settings preset: 'cpu' or 'official'", str)='cpu',
-         checkpoint: Param("checkpoint to start from: this package's, Alpha-VL's or EasyCV's (.pth/.pt/.safetensors)", str)=None,
-         output_dir: Param("where to write checkpoint-latest.pth, finetuned.pth and history.csv", str)=None,
-         resume: Param("checkpoint-latest.pth of an interrupted run to continue (same settings)", str)=None,
+         checkpoint: Param("checkpoint to start from: this package's (also MoR), Alpha-VL's or EasyCV's (.pth/.pt/.safetensors)", str)=None,
+         output_dir: Param("where to write checkpoint-latest.pth, finetuned.pth and history.csv (relative to the working directory)", str)=None,
+         resume: Param("checkpoint-latest.pth of an interrupted run to continue (same settings; default output: its folder)", str)=None,
+         overwrite: Param("replace the run already in --output_dir", store_true)=False,
          reset_head: Param("re-initialise a checkpoint head whose number of classes differs", store_true)=False,
          trusted: Param("unpickle the checkpoint fully (ONLY for files you trust)", store_true)=False,
+         from_ema: Param("MoR checkpoints: start from the EMA teacher's weights instead of the student's", store_true)=False,
          model: Param("classifier: convvit_base_patch16, convvit_small_patch16 or convvit_tiny_patch16", str)=None,
-         img_size: Param("image size (px)", int)=None, bs: Param("batch size per process", int)=None,
+         img_size: Param("image size (px, a multiple of 16)", int)=None, bs: Param("batch size per process", int)=None,
          accum: Param("gradient accumulation steps (total batch = bs x processes x accum)", int)=None,
          epochs: Param("epochs", int)=None, warmup_epochs: Param("warm-up epochs", float)=None,
          lr: Param("learning rate (default: blr * total batch / 256)", float)=None, blr: Param("base learning rate", float)=None,
-         min_lr: Param("final learning rate", float)=None, layer_decay: Param("layer-wise lr decay", float)=None,
-         weight_decay: Param("weight decay", float)=None, drop_path: Param("drop path rate", float)=None,
+         min_lr: Param("final learning rate", float)=None, layer_decay: Param("layer-wise lr decay, in (0, 1]", float)=None,
+         weight_decay: Param("weight decay", float)=None, drop_path: Param("drop path rate, in [0, 1)", float)=None,
          aa: Param("RandAugment policy (timm), 'none' to disable", str)=None, reprob: Param("random erasing probability", float)=None,
          mixup: Param("Mixup alpha", float)=None, cutmix: Param("CutMix alpha", float)=None,
-         mixup_prob: Param("probability of mixing a batch", float)=None, smoothing: Param("label smoothing", float)=None,
+         mixup_prob: Param("probability of mixing a batch", float)=None, smoothing: Param("label smoothing, in [0, 1)", float)=None,
          precision: Param("fp32, bf16 or fp16", str)=None, num_workers: Param("loader processes per training process", int)=None,
-         device: Param("cuda, cpu, ... (default: cuda if available)", str)=None, seed: Param("random seed", int)=0):
+         device: Param("cuda, cpu, ... (default: cuda if available)", str)=None, seed: Param("random seed", int)=0,
+         debug: Param("show the full traceback of an error", store_true)=False):
     "Fine-tune a ConvViT classifier with the official ConvMAE recipe (fastai)"
-    ov = dict(model=model, img_size=img_size, bs=bs, accum=accum, epochs=epochs, warmup_epochs=warmup_epochs, lr=lr, blr=blr, min_lr=min_lr,
-              layer_decay=layer_decay, weight_decay=weight_decay, drop_path=drop_path, aa='' if aa == 'none' else aa,
-              reprob=reprob, mixup=mixup, cutmix=cutmix, mixup_prob=mixup_prob, smoothing=smoothing, precision=precision,
-              num_workers=num_workers)
-    learn = finetune(data, preset, checkpoint=checkpoint, output_dir=output_dir, reset_head=reset_head, trusted=trusted,
-                     resume=resume, device=device, seed=seed, **ov)
-    if rank_distrib() == 0:
-        r = results(learn)
-        print(json.dumps({'top1': r.get('top1'), 'top5': r.get('top5'), 'wall_time_s': round(learn.wall_time, 1)}))
-    return learn
+    run_cli(_finetune_cli, data, preset, checkpoint, output_dir, resume, overwrite, reset_head, trusted, from_ema, device, seed,
+            model=model, img_size=img_size, bs=bs, accum=accum, epochs=epochs, warmup_epochs=warmup_epochs, lr=lr, blr=blr,
+            min_lr=min_lr, layer_decay=layer_decay, weight_decay=weight_decay, drop_path=drop_path,
+            aa='' if aa == 'none' else aa, reprob=reprob, mixup=mixup, cutmix=cutmix, mixup_prob=mixup_prob,
+            smoothing=smoothing, precision=precision, num_workers=num_workers, debug=debug)

@@ -16,15 +16,16 @@ from fastcore.script import call_parse, Param, store_true
 from fastai.learner import Learner
 from fastai.optimizer import OptimWrapper
 from fastai.distributed import rank_distrib, num_distrib
-from fastai.callback.progress import CSVLogger, ProgressCallback
 from timm.layers import trunc_normal_
 from timm.optim import Lars
 from .encoder import ConvViT
 from .models import create_model
-from .data import pretrain_transform
-from .pretrain import ShardedTrainer, PretrainCheckpoint, atomic_save, unwrap, launch_setup
-from .finetune import (load_pretrained, classifier_dls, finetune_eval_transform, SoftTargetLoss, TopK, CheckClasses,
-                                  check_classes, precision_cbs, scaled_lr, results)
+from .data import pretrain_transform, UNREADABLE
+from .pretrain import (ShardedTrainer, RunLog, atomic_save, unwrap, launch_setup, seed_rank, UserError, check_args,
+                                  prepare_output, run_cli)
+from .finetune import (load_checkpoint, load_pretrained, classifier_dls, finetune_eval_transform, SoftTargetLoss, TopK,
+                                  CheckClasses, UnscoredReport, check_classes, check_settings, precision_cbs, scaled_lr, results,
+                                  FinetuneCheckpoint, _progress, _resume)
 
 # %% auto #0
 __all__ = ['LINPROBE_PRESETS', 'linprobe_model', 'lars', 'linprobe_dls', 'linprobe_learner', 'linprobe', 'extract_features',
@@ -63,7 +64,7 @@ def linprobe_learner(dls, model: ConvViT, lr: float|None=None, blr: float=0.1, w
     lr = scaled_lr(blr, dls.train.bs, world_size) if lr is None else lr
     learn = Learner(dls, model, loss_func=SoftTargetLoss(), opt_func=partial(lars, weight_decay=weight_decay), lr=lr,
                     splitter=lambda m: [[p for p in m.parameters() if p.requires_grad]], metrics=[TopK(1), TopK(5)],
-                    cbs=[CheckClasses(), *precision_cbs(precision), *(cbs or [])], **kwargs)
+                    cbs=[CheckClasses(), UnscoredReport(), *precision_cbs(precision), *(cbs or [])], **kwargs)
     learn.lr_scales = None
     return learn
 
@@ -76,35 +77,43 @@ LINPROBE_PRESETS = dict(
 )
 
 def linprobe(data, preset: str='cpu', checkpoint=None, output_dir=None, trusted: bool=False, device=None, seed: int=0,
-             verbose: bool=True, fit: bool=True, cbs=None, **overrides) -> Learner:
+             verbose: bool=True, fit: bool=True, cbs=None, resume=None, overwrite: bool=False, from_ema: bool=False,
+             progress: str='bar', **overrides) -> Learner:
     "Linear-probe a checkpoint on the ImageNet-layout folder `data` with `preset` (+ `overrides`)"
-    if preset not in LINPROBE_PRESETS: raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(LINPROBE_PRESETS)}")
+    if preset not in LINPROBE_PRESETS: raise UserError(f"unknown preset {preset!r}; choose one of {', '.join(sorted(LINPROBE_PRESETS))}")
     unknown = set(overrides) - set(LINPROBE_PRESETS[preset]) - {'lr', 'crop_pct'}
     if unknown: raise TypeError(f"unknown settings {sorted(unknown)}")
     c = {**LINPROBE_PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
+    check_settings(c, seed)
+    if resume and not output_dir: output_dir = Path(resume).expanduser().parent
+    out = prepare_output(output_dir, resume, overwrite) if output_dir else None  # relative to the working directory
+    ck = load_checkpoint(checkpoint, trusted=trusted) if checkpoint and not resume else None
     rank, world, device = launch_setup(seed, device)
     dls = linprobe_dls(data, c['img_size'], c['bs'], c.get('crop_pct'), num_workers=c['num_workers'], seed=seed, device=device,
                        rank=rank, world_size=world)
-    model = create_model(c['model'], num_classes=len(dls.train.vocab), img_size=c['img_size'])
-    if checkpoint: load_pretrained(model, checkpoint, reset_head=True, trusted=trusted, verbose=verbose and rank == 0)
+    n_cls = len(dls.train.vocab)
+    model = create_model(c['model'], num_classes=n_cls, img_size=c['img_size'])
+    if ck is not None: load_pretrained(model, ck, reset_head=True, verbose=verbose and rank == 0, from_ema=from_ema, source=str(checkpoint))
+    if world > 1: seed_rank(seed)  # once the model is built: each rank its own augmentations (seed + rank)
     cbs = list(cbs or [])
-    if output_dir:
-        out = Path(output_dir); out.mkdir(parents=True, exist_ok=True)
-        cbs.append(PretrainCheckpoint(out))
-        if rank == 0: cbs.append(CSVLogger(out/'history.csv'))
+    if out is not None:
+        cbs.append(FinetuneCheckpoint(out))
+        if rank == 0: cbs.append(RunLog(out/'history.csv'))
     learn = linprobe_learner(dls, linprobe_model(model).to(device), lr=c.get('lr'), blr=c['blr'], weight_decay=c['weight_decay'],
                              precision=c['precision'], world_size=world, cbs=cbs)
-    learn.config = {**c, 'preset': preset, 'checkpoint': str(checkpoint) if checkpoint else None, 'seed': seed, 'world_size': world}
+    learn.config = {**c, 'num_classes': n_cls, 'preset': preset, 'checkpoint': str(checkpoint) if checkpoint else None,
+                    'from_ema': from_ema, 'seed': seed, 'world_size': world}
     if world > 1: learn.add_cb(ShardedTrainer(sync_bn=False, cpu=device.type != 'cuda'))
-    if rank != 0 or not verbose:
-        learn.remove_cbs([cb for cb in learn.cbs if isinstance(cb, ProgressCallback)]); learn.logger = lambda *a, **k: None
+    _progress(learn, verbose and rank == 0, progress)
     if not fit: return learn
+    learn.resume_epoch = 0
+    fit_cbs = _resume(learn, resume, c, n_cls) if resume else []
     t0 = time.time()
-    learn.fit_warmup_cos(c['epochs'], warmup_epochs=c['warmup_epochs'], min_lr=c['min_lr'])
+    learn.fit_warmup_cos(c['epochs'], warmup_epochs=c['warmup_epochs'], min_lr=c['min_lr'], cbs=fit_cbs, reset_opt=not resume)
     learn.wall_time = time.time() - t0
-    if output_dir and rank == 0:
+    if out is not None and rank == 0:
         sd = {k: v.detach().cpu() for k, v in unwrap(learn.model).state_dict().items()}
-        atomic_save({'model': sd, 'config': learn.config, 'results': results(learn)}, Path(output_dir)/'linprobe.pth')
+        atomic_save({'model': sd, 'config': learn.config, 'results': results(learn)}, out/'linprobe.pth')
     return learn
 
 # %% ../nbs/08_linprobe.ipynb #9e0682ea
@@ -120,6 +129,11 @@ def extract_features(model: ConvViT, dl, precision: str='fp32') -> tuple[Tensor,
             f = model.forward_head(model.forward_features(xb.to(dev)), pre_logits=True)
         feats.append(f.float().cpu()); labels.append(yb.cpu())
     return torch.cat(feats), torch.cat(labels)
+
+def _readable(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    "The rows of images that could be read (labels other than `UNREADABLE`)"
+    ok = y != UNREADABLE
+    return x[ok], y[ok]
 
 def fit_linear(xtrain: Tensor, ytrain: Tensor, xvalid: Tensor, yvalid: Tensor, wd: float=1e-4, max_iter: int=200,
                seed: int=0) -> dict:
@@ -143,46 +157,61 @@ def fit_linear(xtrain: Tensor, ytrain: Tensor, xvalid: Tensor, yvalid: Tensor, w
 
 def quick_probe(data, checkpoint=None, model: str|nn.Module='convvit_tiny_patch16', img_size=64, bs: int=256,
                 num_workers: int=0, wd: float=1e-4, precision: str='bf16', trusted: bool=False, device='cpu',
-                verbose: bool=True) -> dict:
-    "Score an encoder in minutes: features extracted once (eval transform), then `fit_linear`; returns top-1/top-5 and timings"
+                verbose: bool=True, from_ema: bool=False) -> dict:
+    "Score an encoder in minutes: features extracted once (eval transform), then `fit_linear`; returns top-1/top-5, counts and timings"
     t0 = time.time()
     tf = finetune_eval_transform(img_size)
-    dls = classifier_dls(data, tf, tf, bs=bs, num_workers=num_workers, device=device)
+    ck = load_checkpoint(checkpoint, trusted=trusted) if isinstance(checkpoint, (str, Path)) else checkpoint  # a bad file stops here
+    dls = classifier_dls(data, tf, tf, bs=bs, num_workers=num_workers, device=device, train_unreadable='mark', drop_last=False)
     if isinstance(model, str): model = create_model(model, num_classes=len(dls.train.vocab), img_size=img_size)
-    if checkpoint is not None: load_pretrained(model, checkpoint, reset_head=True, trusted=trusted, verbose=verbose)
+    if ck is not None: load_pretrained(model, ck, reset_head=True, verbose=verbose, from_ema=from_ema, source=str(checkpoint))
     model.to(device)
     train_dl = dls.train.new(shuffle=False, drop_last=False)
     (xt, yt), (xv, yv) = extract_features(model, train_dl, precision), extract_features(model, dls.valid, precision)
+    (xt, yt), (xv, yv) = _readable(xt, yt), _readable(xv, yv)   # unreadable images: neither fitted nor scored
     t1 = time.time()
     res = fit_linear(xt, yt, xv, yv, wd=wd)
-    res.update(n_train=len(yt), n_valid=len(yv), dim=xt.shape[1], extract_s=round(t1 - t0, 1), fit_s=round(time.time() - t1, 1))
+    res.update(n_train=len(yt), n_valid=len(yv), train_unreadable=len(dls.train_ds.bad_files),
+               valid_unreadable=len(dls.valid_ds.bad_files), dim=xt.shape[1], extract_s=round(t1 - t0, 1), fit_s=round(time.time() - t1, 1))
     if verbose: print(json.dumps(res))
     return res
 
 # %% ../nbs/08_linprobe.ipynb #7753d2bd
+def _linprobe_cli(data, checkpoint, preset, quick, output_dir, resume, overwrite, trusted, from_ema, wd, device, seed, **ov):
+    if quick:
+        if output_dir or resume: raise UserError("--quick writes nothing: drop --output_dir / --resume (its result is the printed JSON line)")
+        if preset not in LINPROBE_PRESETS: raise UserError(f"unknown preset {preset!r}; choose one of {', '.join(sorted(LINPROBE_PRESETS))}")
+        c = {**LINPROBE_PRESETS[preset], **{k: v for k, v in ov.items() if v is not None}}
+        check_settings(c, seed); check_args(wd=(wd, 'nonneg'))
+        launch_setup(seed)
+        return quick_probe(data, checkpoint, c['model'], c['img_size'], c['bs'], ov.get('num_workers') or 0,
+                           wd, c['precision'], trusted, device or ('cuda' if torch.cuda.is_available() else 'cpu'), from_ema=from_ema)
+    learn = linprobe(data, preset, checkpoint=checkpoint, output_dir=output_dir, trusted=trusted, device=device, seed=seed,
+                     resume=resume, overwrite=overwrite, from_ema=from_ema, progress='auto', **ov)
+    if rank_distrib() == 0:
+        r = results(learn)
+        print(json.dumps({'top1': r.get('top1'), 'top5': r.get('top5'), 'valid_unreadable': r.get('valid_unreadable', 0),
+                          'wall_time_s': round(learn.wall_time, 1)}), flush=True)
+
 @call_parse
 def main(data: Param("dataset root with train/ and val/ class folders (ImageNet layout)", str),
-         checkpoint: Param("checkpoint to probe: this package's, Alpha-VL's or EasyCV's (.pth/.pt/.safetensors)", str)=None,
+         checkpoint: Param("checkpoint to probe: this package's (also MoR), Alpha-VL's or EasyCV's (.pth/.pt/.safetensors)", str)=None,
          preset: Param("settings preset: 'cpu' or 'official'", str)='cpu',
          quick: Param("quick probe: extract features once, fit a logistic regression", store_true)=False,
-         output_dir: Param("where to write linprobe.pth and history.csv", str)=None,
+         output_dir: Param("where to write checkpoint-latest.pth, linprobe.pth and history.csv (relative to the working directory)", str)=None,
+         resume: Param("checkpoint-latest.pth of an interrupted probe to continue (default output: its folder)", str)=None,
+         overwrite: Param("replace the run already in --output_dir", store_true)=False,
          trusted: Param("unpickle the checkpoint fully (ONLY for files you trust)", store_true)=False,
+         from_ema: Param("MoR checkpoints: probe the EMA teacher's weights instead of the student's", store_true)=False,
          model: Param("encoder: convvit_base_patch16, convvit_small_patch16 or convvit_tiny_patch16", str)=None,
-         img_size: Param("image size (px)", int)=None, bs: Param("batch size per process", int)=None,
+         img_size: Param("image size (px, a multiple of 16)", int)=None, bs: Param("batch size per process", int)=None,
          epochs: Param("epochs", int)=None, warmup_epochs: Param("warm-up epochs", float)=None,
          lr: Param("learning rate (default: blr * total batch / 256)", float)=None, blr: Param("base learning rate", float)=None,
          weight_decay: Param("weight decay (official: 0)", float)=None, wd: Param("quick probe: L2 penalty", float)=1e-4,
          precision: Param("fp32, bf16 or fp16", str)=None, num_workers: Param("loader processes per training process", int)=None,
-         device: Param("cuda, cpu, ... (default: cuda if available)", str)=None, seed: Param("random seed", int)=0):
+         device: Param("cuda, cpu, ... (default: cuda if available)", str)=None, seed: Param("random seed", int)=0,
+         debug: Param("show the full traceback of an error", store_true)=False):
     "Linear probing of a ConvViT encoder (official protocol, or --quick)"
-    if quick:
-        c = {**LINPROBE_PRESETS[preset], **{k: v for k, v in dict(model=model, img_size=img_size, bs=bs, precision=precision).items() if v is not None}}
-        return quick_probe(data, checkpoint, c['model'], c['img_size'], c['bs'], num_workers or 0, wd, c['precision'], trusted,
-                           device or ('cuda' if torch.cuda.is_available() else 'cpu'))
-    learn = linprobe(data, preset, checkpoint=checkpoint, output_dir=output_dir, trusted=trusted, device=device, seed=seed, model=model, img_size=img_size, bs=bs,
-                     epochs=epochs, warmup_epochs=warmup_epochs, lr=lr, blr=blr, weight_decay=weight_decay, precision=precision,
-                     num_workers=num_workers)
-    if rank_distrib() == 0:
-        r = results(learn)
-        print(json.dumps({'top1': r.get('top1'), 'top5': r.get('top5'), 'wall_time_s': round(learn.wall_time, 1)}))
-    return learn
+    run_cli(_linprobe_cli, data, checkpoint, preset, quick, output_dir, resume, overwrite, trusted, from_ema, wd, device, seed,
+            model=model, img_size=img_size, bs=bs, epochs=epochs, warmup_epochs=warmup_epochs, lr=lr, blr=blr,
+            weight_decay=weight_decay, precision=precision, num_workers=num_workers, debug=debug)

@@ -5,7 +5,8 @@ import numpy as np, pytest, torch, torch.nn as nn
 from fastai.callback.core import Callback, CancelFitException
 from fastconvmae.encoder import ConvViT, convvit_base_patch16, convvit_tiny_patch16
 from fastconvmae.models import MaskedAutoencoderConvViT, fastconvmae_convvit_tiny_patch16
-from fastconvmae.finetune import (load_checkpoint, load_pretrained, UnsafeCheckpointError, CheckpointMismatchError,
+from fastconvmae.finetune import (load_checkpoint, load_pretrained, UnsafeCheckpointError, CheckpointMismatchError, BadCheckpointError,
+                                  convert_state_dict, checkpoint_layout,
                                   layer_decay_groups, convvit_layer_id, finetune_dls, finetune_learner, finetune, finetune_transform,
                                   posterize_any_bits, MixupCallback, SoftTargetLoss, TopK, results, FINETUNE_PRESETS)
 from fastconvmae import finetune as ft
@@ -38,6 +39,27 @@ def pretrain_sd():
                                     complementary=True, **TINY).state_dict()
 
 
+# EasyCV's module names, read from alibaba/EasyCV: `easycv/models/selfsup/mae.py` (class MAE: `self.encoder` = the
+# `FastConvMAEViT` backbone of `easycv/models/backbones/conv_mae_vit.py`, whose attributes are the official names, with
+# `stage1_output_decode`/`stage2_output_decode` when `with_fuse` and `norm` without global pooling; `self.decoder` = the
+# `FastConvMAENeck` of `easycv/models/selfsup/necks.py`: decoder_embed, mask_token, decoder_pos_embed, decoder_blocks,
+# decoder_norm, decoder_pred) and `easycv/models/classification/classification.py` (class Classification: `self.backbone`,
+# heads as `head_0`, ...; `ClsHead` of `easycv/models/heads/cls_head.py` holds its linear layer as `fc_cls`). mmcv saves
+# `{'meta': ..., 'state_dict': model.state_dict(), 'optimizer': ...}`.
+_EASYCV_DECODER = ('decoder_embed.', 'mask_token', 'decoder_pos_embed', 'decoder_blocks.', 'decoder_norm.', 'decoder_pred.')
+
+def as_easycv_pretraining(sd: dict) -> dict:
+    "An official pretraining state dict as EasyCV's `MAE` checkpoint stores it"
+    return {'meta': {'epoch': 50, 'config': "model = dict(type='MAE', backbone=dict(type='FastConvMAEViT'))"},
+            'state_dict': {('decoder.' if k.startswith(_EASYCV_DECODER) else 'encoder.') + k: v for k, v in sd.items()},
+            'optimizer': {'state': {}, 'param_groups': []}}
+
+def as_easycv_classifier(sd: dict) -> dict:
+    "An official fine-tuned classifier's state dict as EasyCV's `Classification` checkpoint stores it"
+    return {'meta': {'epoch': 100}, 'state_dict': {('head_0.fc_cls.' + k[len('head.'):] if k.startswith('head.') else 'backbone.' + k): v
+                                                   for k, v in sd.items()}}
+
+
 # ---------------------------------------------------------------- safe loading
 def test_official_namespace_loads_and_payload_is_refused(tmp_path, pretrain_sd):
     torch.save({'model': pretrain_sd, 'epoch': 3, 'args': argparse.Namespace(blr=6e-4, model='x')}, tmp_path / 'ok.pth')
@@ -54,9 +76,7 @@ def test_every_layout_loads_the_same_encoder(tmp_path, pretrain_sd, layout):
     from safetensors.torch import save_file
     sd = pretrain_sd
     if layout == 'alphavl': torch.save({'model': sd, 'args': argparse.Namespace(a=1)}, f := tmp_path / 'c.pth')
-    elif layout == 'easycv':
-        torch.save({'meta': {'epoch': 1}, 'state_dict': {('neck.' if k.startswith(('decoder_', 'mask_token')) else 'backbone.') + k: v
-                                                         for k, v in sd.items()}}, f := tmp_path / 'c.pth')
+    elif layout == 'easycv': torch.save(as_easycv_pretraining(sd), f := tmp_path / 'c.pth')
     elif layout == 'safetensors': save_file({k: v.contiguous() for k, v in sd.items()}, f := tmp_path / 'c.safetensors')
     elif layout == 'ddp': torch.save({'model': {'module.' + k: v for k, v in sd.items()}}, f := tmp_path / 'c.pth')
     else: torch.save(sd, f := tmp_path / 'c.pth')
@@ -74,9 +94,7 @@ def test_every_layout_loads_the_same_encoder(tmp_path, pretrain_sd, layout):
 def test_official_finetuned_classifier_fixture(fixtures_dir, tmp_path):
     d = torch.load(fixtures_dir / 'official_convvit_tiny_cls.pt', weights_only=False)
     torch.save({'model': d['state_dict'], 'args': argparse.Namespace(nb_classes=10)}, tmp_path / 'ft.pth')
-    for ck in [tmp_path / 'ft.pth',
-               {'state_dict': {(k.replace('head.', 'head.fc_cls.') if k.startswith('head.') else 'backbone.' + k): v
-                               for k, v in d['state_dict'].items()}}]:
+    for ck in [tmp_path / 'ft.pth', as_easycv_classifier(d['state_dict'])]:
         m = ConvViT(img_size=224, num_classes=10, **TINY).eval()
         rep = load_pretrained(m, ck, verbose=False)
         assert rep.initialised == []
@@ -221,7 +239,7 @@ def test_finetune_from_own_checkpoint_save_and_exact_resume(tmp_path, toy):
     torch.save({'model': mae.state_dict(), 'epoch': 0}, tmp_path / 'pt.pth')
     kw = dict(epochs=2, warmup_epochs=1, bs=4, num_workers=0, verbose=False)
     full = finetune(toy, 'cpu', checkpoint=tmp_path / 'pt.pth', output_dir=tmp_path / 'full', **kw)
-    assert set(results(full)) == {'train_loss', 'valid_loss', 'top1', 'top5'}
+    assert set(results(full)) == {'train_loss', 'valid_loss', 'top1', 'top5', 'valid_scored', 'valid_unreadable'}
     saved = torch.load(tmp_path / 'full' / 'finetuned.pth', weights_only=True)
     assert saved['config']['preset'] == 'cpu' and 'top1' in saved['results']
     finetune(toy, 'cpu', checkpoint=tmp_path / 'pt.pth', output_dir=tmp_path / 'half', cbs=[StopAfter(1)], **kw)
@@ -291,3 +309,111 @@ def test_finetune_cli_ddp_two_processes(tmp_path, toy):
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert r.stdout.count('"top1"') == 1   # printed by rank 0 only
     assert (tmp_path / 'out' / 'finetuned.pth').exists() and (tmp_path / 'out' / 'history.csv').exists()
+
+
+# ---------------------------------------------------------------- issue 8: bad files, EasyCV, MoR, unreadable validation images
+class SystemPayload:  # a pickle that would run a shell command if it were ever unpickled fully
+    def __init__(self, marker): self.marker = marker
+    def __reduce__(self): return (__import__('os').system, (f'touch {self.marker}',))
+
+
+def test_bad_files_each_get_one_clear_line(tmp_path, pretrain_sd):
+    torch.save({'model': pretrain_sd, 'x': SystemPayload(tmp_path / 'ran')}, tmp_path / 'evil.pth')
+    with pytest.raises(UnsafeCheckpointError, match=r"global 'posix.system' \(os.system\).*trusted=True") as e:
+        load_checkpoint(tmp_path / 'evil.pth')
+    assert '\n' not in str(e.value) and not (tmp_path / 'ran').exists()
+    (tmp_path / 'empty.pth').write_bytes(b'')
+    (tmp_path / 'random.pth').write_bytes(np.random.default_rng(0).bytes(4096))
+    (tmp_path / 'pickle_junk.pth').write_bytes(b'\x80\x02' + np.random.default_rng(1).bytes(200))
+    torch.save({'model': pretrain_sd}, tmp_path / 'ok.pth')
+    (tmp_path / 'truncated.pth').write_bytes((tmp_path / 'ok.pth').read_bytes()[:3000])
+    for f, what in [('empty.pth', 'is empty'), ('random.pth', 'not a PyTorch checkpoint'), ('pickle_junk.pth', 'not a readable'),
+                    ('truncated.pth', 'not a readable checkpoint')]:
+        with pytest.raises(BadCheckpointError, match=what) as e: load_checkpoint(tmp_path / f)
+        msg = str(e.value)
+        assert '\n' not in msg and 'weights_only=False' not in msg and 'Weights only load failed' not in msg, msg
+
+
+def test_easycv_layouts_use_easycv_names(pretrain_sd):
+    easy = as_easycv_pretraining(pretrain_sd)['state_dict']
+    assert 'encoder.stage1_output_decode.weight' in easy and 'decoder.decoder_pred.weight' in easy and 'decoder.mask_token' in easy
+    sd, dropped, layout = convert_state_dict(easy, target=ConvViT(img_size=64, num_classes=10, **TINY).state_dict())
+    assert layout == 'EasyCV pretraining' and 'blocks3.1.attn.qkv.weight' in sd and 'norm.weight' not in sd
+    assert sorted(dropped) == ['EasyCV decoder', 'pretraining norm (global-pool classifiers use a new fc_norm)',
+                               'pretraining only (decoder, mask token, fusion)']
+    assert len(dropped['EasyCV decoder']) == sum(k.startswith(_EASYCV_DECODER) for k in pretrain_sd)
+    m = ConvViT(img_size=64, num_classes=10, **TINY)
+    rep = load_pretrained(m, as_easycv_pretraining(pretrain_sd), verbose=False)
+    assert torch.equal(m.blocks1[0].conv2.weight, pretrain_sd['blocks1.0.conv2.weight']) and len(rep.loaded) == len(sd)
+
+
+def test_convert_for_other_targets(pretrain_sd):
+    "Given the target's state dict, exactly what it has is kept: a backbone without a head, a classifier without global pooling"
+    plain = ConvViT(img_size=64, num_classes=0, global_pool=False, **TINY)
+    sd, dropped, _ = convert_state_dict(as_easycv_pretraining(pretrain_sd)['state_dict'], target=plain.state_dict())
+    assert 'norm.weight' in sd and not any(k.startswith('stage1_output_decode') for k in sd)
+    rep = load_pretrained(plain, as_easycv_pretraining(pretrain_sd), verbose=False)
+    assert rep.initialised == [] and torch.equal(plain.norm.weight, pretrain_sd['norm.weight'])
+
+
+@pytest.fixture(scope='module')
+def mor_checkpoint(tmp_path_factory):
+    "A real checkpoint of this package's MoR pretraining (pixel + EMA targets, tiny widths), after one epoch on the bundled photos"
+    from fastconvmae.data import pretrain_dls
+    from fastconvmae.mor import MaskedAutoencoderConvViTMoR, MoRRecipe, mor_learner
+    from fastconvmae.pretrain import fit_pretrain
+    out = tmp_path_factory.mktemp('mor')
+    torch.manual_seed(0)
+    m = MaskedAutoencoderConvViTMoR(targets=('pixel', 'ema'), img_size=64, decoder_embed_dim=32, decoder_depth=2,
+                                    decoder_num_heads=4, norm_pix_loss=True, **TINY)
+    r = MoRRecipe(targets=('pixel', 'ema'), img_size=64, bs=2, epochs=1, warmup_epochs=0, blr=1e-2, precision='fp32')
+    learn = mor_learner(pretrain_dls(DATA, img_size=64, bs=2, num_workers=0, valid=2, device='cpu'), r, model=m, output=out,
+                        figures=False, log=False)
+    with learn.no_bar(), learn.no_logging(): fit_pretrain(learn)
+    return out / 'checkpoint-latest.pth'
+
+
+def test_mor_checkpoint_student_or_ema_teacher(mor_checkpoint):
+    sd = torch.load(mor_checkpoint, weights_only=True)['model']
+    assert any(k.startswith('teachers.ema.') for k in sd) and any(k.startswith('decoder_branches.') for k in sd)
+    k = 'blocks3.1.mlp.fc2.weight'
+    assert not torch.equal(sd[k], sd['teachers.ema.' + k])
+    student = ConvViT(img_size=64, num_classes=3, **TINY)
+    rep = load_pretrained(student, mor_checkpoint, verbose=False)
+    assert rep.layout.startswith('MoR') and torch.equal(student.state_dict()[k], sd[k])
+    assert len(rep.dropped['MoR EMA teacher (from_ema=True loads it)']) == sum(k.startswith('teachers.ema.') for k in sd)
+    assert len(rep.dropped['MoR decoder branches']) == sum(k.startswith('decoder_branches.') for k in sd)
+    teacher = ConvViT(img_size=64, num_classes=3, **TINY)
+    rep = load_pretrained(teacher, mor_checkpoint, from_ema=True, verbose=False)
+    assert torch.equal(teacher.state_dict()[k], sd['teachers.ema.' + k])
+    assert sorted(rep.initialised) == ['fc_norm.bias', 'fc_norm.weight', 'head.bias', 'head.weight']
+    with pytest.raises(CheckpointMismatchError, match='no EMA teacher'):
+        load_pretrained(ConvViT(img_size=64, num_classes=3, **TINY), {'model': ConvViT(**TINY).state_dict()}, from_ema=True)
+
+
+def _corrupt_val(toy, root):
+    "A copy of the toy folder whose first validation image is truncated"
+    shutil.copytree(toy, root)
+    bad = sorted((root / 'val').rglob('*.jpg'))[0]
+    bad.write_bytes(bad.read_bytes()[:1500])
+    return root, bad
+
+
+def test_unreadable_validation_images_are_left_out(tmp_path, toy):
+    import warnings
+    from fastconvmae.data import BadImageWarning
+    root, bad = _corrupt_val(toy, tmp_path / 'd')
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore', BadImageWarning)
+        learn = finetune(root, 'cpu', epochs=1, warmup_epochs=0.5, bs=4, num_workers=0, verbose=False, precision='fp32')
+        r = results(learn)
+        assert (r['valid_scored'], r['valid_unreadable']) == (3, 1)
+        # top-1 is that of the 3 readable images, recomputed by hand
+        dl = learn.dls.valid.new(shuffle=False)
+        learn.model.eval()
+        with torch.no_grad(): xb, yb = [torch.cat(o) for o in zip(*[(b[0], b[1]) for b in dl])]
+        ok = yb != -100
+        with torch.no_grad(): acc = (learn.model(xb[ok]).argmax(1) == yb[ok]).float().mean().item()
+        assert math.isclose(r['top1'], acc, abs_tol=1e-6) and learn.valid_unreadable == 1
+        q = quick_probe(root, img_size=64, bs=4, verbose=False)
+    assert (q['n_valid'], q['valid_unreadable'], q['n_train'], q['train_unreadable']) == (3, 1, 8, 0)
