@@ -112,9 +112,12 @@ class SegDataset(ImageFolderDataset):
         return self.tfm(img, lbl) if self.tfm is not None else (img, lbl)
 
 def read_classes(root) -> list[str]:
-    "Class names from `root/classes.txt` (one a line, without the ignored 'unlabelled' class), or `[]`"
-    f = Path(root)/'classes.txt'
-    return [l.strip() for l in f.read_text().splitlines() if l.strip()] if f.is_file() else []
+    "Class names from `root/classes.txt` (one a line, without 'unlabelled'), or ADE20K's `objectInfo150.txt`, or `[]`"
+    f, ade = Path(root)/'classes.txt', Path(root)/'objectInfo150.txt'
+    if f.is_file(): return [l.strip() for l in f.read_text().splitlines() if l.strip()]
+    if ade.is_file():  # Idx, Ratio, Train, Val, Name ('wall', 'building;edifice', ...): the first name of each row
+        return [l.split('\t')[-1].split(';')[0].strip() for l in ade.read_text().splitlines()[1:] if l.strip()]
+    return []
 
 # %% ../nbs/11_segmentation.ipynb #c2ec4684
 def rescale_size(h: int, w: int, scale) -> tuple[int, int]:
@@ -666,15 +669,17 @@ def load_segmenter(path, device='cpu', **test_cfg) -> tuple[UperNet, dict]:
 
 # %% ../nbs/11_segmentation.ipynb #db6c7bf2
 def segment(data, preset: str='cpu', checkpoint=None, output=None, resume=None, force_resume: bool=False, seed: int=0, device=None,
-            num_workers: int|None=None, n_valid: int|None=None, trusted: bool=False, verbose: bool=True, fit: bool=True,
-            cbs=None, **overrides) -> Learner:
+            num_workers: int|None=None, n_valid: int|None=None, num_classes: int|None=None, trusted: bool=False,
+            verbose: bool=True, fit: bool=True, cbs=None, **overrides) -> Learner:
     "Train UperNet on the ADE20K-layout folder `data` with `preset` (+ `overrides`), the backbone from `checkpoint` if given"
     r = _recipe(preset, **overrides)
     rank, world, device = launch_setup(seed, device)
     dls = seg_dls(data, r.crop, r.scale, r.bs, r.eval_interval * r.accum, r.valid_bs, r.ratio_range, r.cat_max_ratio,
                   num_workers=num_workers, seed=seed, device=device, rank=rank, world_size=world, n_valid=n_valid)
-    classes = dls.train.dataset.classes
-    if not classes: raise ValueError(f"{Path(data)/'classes.txt'} not found: it names the classes, one a line (without 'unlabelled')")
+    classes = dls.train.dataset.classes or [f'class {i}' for i in range(num_classes or 0)]
+    if not classes: raise ValueError(f"{Path(data)/'classes.txt'} not found: name the classes there, one a line (without "
+                                     f"'unlabelled'), or give their number (num_classes, CLI --num_classes)")
+    if num_classes and num_classes != len(classes): raise ValueError(f"num_classes={num_classes} but {data} names {len(classes)} classes")
     model = create_segmentor(r, len(classes))
     if checkpoint and not resume: load_backbone(model.backbone, checkpoint, trusted=trusted, verbose=verbose and rank == 0)
     seed_rank(seed)  # each process its own crops, flips and drop paths (the official seed + rank)
@@ -764,7 +769,7 @@ def _print_scores(s: dict, classes: list):
     print('\n'.join(f"  {n:{w}s}  IoU {100 * v:5.1f}" for n, v in zip(names, s['IoU'])))
     print(f"  {'mean':{w}s}  mIoU {100 * s['mIoU']:.2f}  aAcc {100 * s['aAcc']:.2f}  mAcc {100 * s['mAcc']:.2f}")
 
-def _train(data, preset, checkpoint, output, resume, overwrite, force_resume, seed, workers, n_valid, trusted, device, ov):
+def _train(data, preset, checkpoint, output, resume, overwrite, force_resume, seed, workers, n_valid, num_classes, trusted, device, ov):
     if preset not in SEG_PRESETS: raise UserError(f"unknown preset {preset!r}; choose one of {', '.join(sorted(SEG_PRESETS))}")
     r = _recipe(preset, **ov)
     world = max(num_distrib(), 1)
@@ -775,7 +780,7 @@ def _train(data, preset, checkpoint, output, resume, overwrite, force_resume, se
     out = prepare_output(output or (Path(resume).parent if resume else 'runs/segment'), resume, overwrite)
     if note and not rank_distrib(): print(note)
     learn = segment(data, preset, checkpoint=checkpoint, output=out, resume=resume, seed=seed, device=device, num_workers=workers,
-                    n_valid=n_valid, trusted=trusted, fit=False, **{f.name: getattr(r, f.name) for f in fields(SegRecipe)})
+                    n_valid=n_valid, num_classes=num_classes, trusted=trusted, fit=False, **{f.name: getattr(r, f.name) for f in fields(SegRecipe)})
     console_progress(learn)
     fit_segment(learn, resume=resume, force_resume=force_resume)
     if not rank_distrib():
@@ -840,6 +845,7 @@ def main(command: str, # train, evaluate or predict
          flip: bool=False, # also predict the flipped image and average
          split: str='validation', # evaluate: the split to score
          n_valid: int=None, # evaluate on this many evenly spaced validation images only
+         num_classes: int=None, # train: number of classes when the data has no classes.txt / objectInfo150.txt
          workers: int=None, # data loading processes per process
          seed: int=0, # seed of initialisation and data order
          device: str=None, # cpu, cuda, ... (default: this process's GPU, else the CPU)
@@ -852,7 +858,8 @@ def main(command: str, # train, evaluate or predict
                    eval_interval=(eval_interval, 'pos_int'), warmup_iters=(warmup_iters, 'nonneg_int'), lr=(lr, 'pos'),
                    layer_decay=(layer_decay, 'pos'), weight_decay=(weight_decay, 'nonneg'), drop_path=(drop_path, 'unit'),
                    channels=(channels, 'pos_int'), aux_channels=(aux_channels, 'nonneg_int'), window=(window, 'pos_int'),
-                   stride=(stride, 'pos_int'), n_valid=(n_valid, 'pos_int'), workers=(workers, 'nonneg_int'))
+                   stride=(stride, 'pos_int'), n_valid=(n_valid, 'pos_int'), workers=(workers, 'nonneg_int'),
+                   num_classes=(num_classes, 'pos_int'))
         if precision is not None and precision not in ('fp32', 'bf16', 'fp16'): raise UserError(f"--precision must be fp32, bf16 or fp16, got {precision!r}")
         if mode is not None and mode not in ('whole', 'slide'): raise UserError(f"--mode must be whole or slide, got {mode!r}")
         if command in ('train', 'evaluate') and not Path(data).expanduser().is_dir(): raise UserError(f"dataset folder not found: {data}")
@@ -861,7 +868,7 @@ def main(command: str, # train, evaluate or predict
                       warmup_iters=warmup_iters, lr=lr, layer_decay=layer_decay, weight_decay=weight_decay, drop_path=drop_path,
                       channels=channels, aux_channels=aux_channels, precision=precision, test_mode=mode, test_crop=window,
                       test_stride=stride, flip=flip or None)
-            _train(data, preset, checkpoint, output, resume, overwrite, force_resume, seed, workers, n_valid, trusted, device,
+            _train(data, preset, checkpoint, output, resume, overwrite, force_resume, seed, workers, n_valid, num_classes, trusted, device,
                    {k: v for k, v in ov.items() if v is not None})
         elif command == 'evaluate': _evaluate(data, checkpoint, split, mode, window, stride, flip, n_valid, precision, device)
         elif command == 'predict': _predict(data, checkpoint, output, mode, window, stride, flip, precision, device)

@@ -167,6 +167,14 @@ def test_dataset_reduce_zero_label_and_bad_files(tmp_path):
     assert all(x.shape[-2:] == y.shape for x, y in items)
 
 
+def test_class_names(tmp_path):
+    (tmp_path/'objectInfo150.txt').write_text('Idx\tRatio\tTrain\tVal\tName\n1\t0.1576\t11664\t1172\twall\n'
+                                             '2\t0.1072\t6046\t612\tbuilding;edifice\n')
+    assert read_classes(tmp_path) == ['wall', 'building']  # ADE20K's own list
+    (tmp_path/'classes.txt').write_text('sky\nroad\n\n')
+    assert read_classes(tmp_path) == ['sky', 'road']
+
+
 def test_train_transform_same_geometry_for_image_and_label():
     torch.manual_seed(0)
     lbl = torch.randint(0, 5, (6, 8)).repeat_interleave(10, 0).repeat_interleave(10, 1)  # 60 x 80 blocks
@@ -287,6 +295,13 @@ def test_train_checkpoint_and_exact_resume(tmp_path):
     model, rec = load_segmenter(tmp_path/'full'/'segmenter.pth')
     s = evaluate_segmenter(model, root, scale=rec['recipe']['scale'])
     assert 0 <= s['mIoU'] <= 1 and len(s['IoU']) == 3 and s['n_images'] == 3
+
+
+def test_num_classes_without_class_names(tmp_path):
+    root = make_ade(tmp_path/'d'); (root/'classes.txt').unlink()
+    with pytest.raises(ValueError, match='num_classes'): _train(root, None, fit=False)
+    learn = _train(root, None, fit=False, num_classes=3)
+    assert learn.classes == ['class 0', 'class 1', 'class 2'] and learn.model.num_classes == 3
 
 
 def _cli(*args, cwd=None):
