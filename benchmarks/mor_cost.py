@@ -49,7 +49,7 @@ def main():
     configs = [tuple(c.split(',')) for c in a.configs.split(';')]
     needed = {t for c in configs for t in c if t in TEACHERS}
     teachers = {t: timm_teacher(TEACHERS[t], random_init=True) for t in sorted(needed)}  # ViT-B/16, random weights
-    recipe = replace(MOR_PRESETS['cpu'], arch=a.arch, img_size=a.img_size)
+    recipe = replace(MOR_PRESETS['cpu_mor'], arch=a.arch, img_size=a.img_size)
     runs = {}
     for c in configs:
         torch.manual_seed(0)

@@ -24,15 +24,14 @@ from timm.models.vision_transformer import Block
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from .encoder import ConvViTTrunk, CONVVIT_ARCHS, Attention
 from .models import MaskedAutoencoderConvViT, DECODER_ARCHS, MODELS
-from .pretrain import (PretrainRecipe, PRESETS, pretrain_learner, fit_pretrain, unwrap, NonFiniteLossError, launch_setup,
-                                  _extra_loggers)
+from .pretrain import PretrainRecipe, PRESETS, pretrain_learner, fit_pretrain, unwrap
 from .data import pretrain_dls
 
 # %% auto #0
-__all__ = ['TEACHERS', 'MOR_PRESETS', 'normalize_tokens', 'EMATeacher', 'ema_momentum', 'TimmTeacher', 'timm_teacher',
+__all__ = ['TEACHERS', 'TARGETS', 'MOR_PRESETS', 'normalize_tokens', 'EMATeacher', 'ema_momentum', 'TimmTeacher', 'timm_teacher',
            'DecoderBranch', 'MoROutput', 'masked_mse', 'default_split', 'MaskedAutoencoderConvViTMoR', 'branch_params',
            'shared_params', 'EMAUpdate', 'TargetLoss', 'TargetLosses', 'MoRRecipe', 'build_teachers', 'mor_model',
-           'mor_learner', 'main']
+           'mor_learner']
 
 # %% ../nbs/06_mor.ipynb #1a71bda8
 def normalize_tokens(t: Tensor, eps: float=1e-6) -> Tensor:
@@ -330,9 +329,12 @@ class MoRRecipe(PretrainRecipe):
     dino_model: str = TEACHERS['dino']
     clip_model: str = TEACHERS['clip']
 
+TARGETS = ('pixel', 'ema', 'dino', 'clip')  # the targets (tokenizers) a MoR model can reconstruct
+
 MOR_PRESETS = dict(
-    fastconvmae_base_ct=MoRRecipe(**asdict(PRESETS['fastconvmae_base']), targets=('pixel', 'ema', 'dino', 'clip')),
-    cpu=MoRRecipe(**asdict(PRESETS['cpu']), targets=('pixel', 'ema')),
+    fastconvmae_base_ct=MoRRecipe(**asdict(PRESETS['fastconvmae_base']), targets=('ema', 'dino', 'clip')),  # the official figure
+    fastconvmae_base_ct_pixel=MoRRecipe(**asdict(PRESETS['fastconvmae_base']), targets=('pixel', 'ema', 'dino', 'clip')),  # our variant
+    cpu_mor=MoRRecipe(**asdict(PRESETS['cpu']), targets=('pixel', 'ema')),
 )
 
 # %% ../nbs/06_mor.ipynb #528923af
@@ -369,74 +371,3 @@ def mor_learner(dls, recipe: MoRRecipe, model: MaskedAutoencoderConvViTMoR|None=
     if 'ema' in unwrap(model).targets: cbs.append(EMAUpdate(recipe.ema_start, recipe.ema_end))
     kwargs.setdefault('figures', 'pixel' in unwrap(model).targets)
     return pretrain_learner(dls, recipe, model=model, cbs=cbs, **kwargs)
-
-# %% ../nbs/06_mor.ipynb #5d2f49a6
-def _mor_recipe_from_args(preset: str, **overrides) -> MoRRecipe:
-    if preset not in MOR_PRESETS: raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(MOR_PRESETS)}")
-    known = {f.name for f in fields(MoRRecipe)}
-    r = replace(MOR_PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None and k in known})
-    unknown = set(r.targets) - {'pixel', 'ema', 'dino', 'clip'}
-    if unknown: raise ValueError(f"unknown targets {sorted(unknown)}; choose among pixel, ema, dino, clip")
-    if r.weights is not None and len(r.weights) != len(r.targets):
-        raise ValueError(f"{len(r.weights)} weights for {len(r.targets)} targets {','.join(r.targets)}")
-    return r
-
-def _split(s: str|None, f=str) -> tuple|None: return None if s is None else tuple(f(o.strip()) for o in s.split(',') if o.strip())
-
-@call_parse
-def main(data: str='data', # image folder: ImageNet layout (train/<class>/*, val/) or a flat folder of images
-         preset: str='cpu', # recipe: cpu (pixel + EMA) or fastconvmae_base_ct (the official "C+T" row)
-         targets: str=None, # comma-separated targets among pixel, ema, dino, clip (default: the preset's)
-         weights: str=None, # comma-separated loss weights, one per target (default: all 1)
-         dino_weights: str=None, # local checkpoint of the DINO teacher (default: download from the hub)
-         clip_weights: str=None, # local checkpoint of the CLIP teacher (default: download from the hub)
-         dino_model: str=None, # timm name of the DINO teacher (default vit_base_patch16_224.dino)
-         clip_model: str=None, # timm name of the CLIP teacher (default vit_base_patch16_clip_quickgelu_224.openai)
-         shared_depth: int=None, # decoder blocks shared by all targets (S)
-         branch_depth: int=None, # decoder blocks of each target's branch (N)
-         ema_start: float=None, # EMA momentum at the start (rises to 1 by half-cosine)
-         random_teachers: bool=False, # random-weight DINO/CLIP teachers: smoke tests and timing only
-         arch: str=None, # model (default: the preset's), e.g. fastconvmae_convvit_small_patch16
-         epochs: int=None, # epochs (schedule length)
-         warmup_epochs: float=None, # linear warm-up epochs
-         bs: int=None, # batch size per device
-         blr: float=None, # base learning rate (lr = blr x effective batch / 256)
-         img_size: int=None, # training resolution (divisible by 16)
-         mask_ratio: float=None, # fraction of patches hidden in each view
-         precision: str=None, # fp32, bf16 or fp16
-         accum: int=None, # gradient accumulation steps
-         clip_grad: float=None, # max gradient norm (`--clip` in fastconvmae_pretrain; renamed here, beside the CLIP teacher's options)
-         workers: int=None, # data loading processes per device
-         n_train: int=None, # use only this many training images (quick runs)
-         resume: str=None, # checkpoint to resume from
-         output: str='runs/pretrain_mor', # folder for checkpoints, logs and figures
-         save_every: int=1, # checkpoint every N epochs
-         seed: int=0, # seed of the data order and initialisation
-         tensorboard: bool=False, # also log to TensorBoard (needs tensorboard)
-         wandb: bool=False, # also log to Weights & Biases (needs wandb)
-        ):
-    "Pretrain Fast ConvMAE / ConvMAE with a Mixture of Reconstructors (pixels, EMA teacher, DINO, CLIP) with a fastai Learner."
-    try: r = _mor_recipe_from_args(preset, targets=_split(targets), weights=_split(weights, float), dino_model=dino_model,
-                                   clip_model=clip_model, shared_depth=shared_depth, branch_depth=branch_depth, ema_start=ema_start,
-                                   arch=arch, epochs=epochs, warmup_epochs=warmup_epochs, bs=bs, blr=blr, img_size=img_size,
-                                   mask_ratio=mask_ratio, precision=precision, accum=accum, clip=clip_grad)
-    except ValueError as e: raise SystemExit(f"error: {e}")
-    rank, world, device = launch_setup(seed)
-    if random_teachers and {'dino', 'clip'} & set(r.targets) and rank == 0:
-        warnings.warn("--random_teachers: the DINO/CLIP teachers have RANDOM weights (smoke tests and timing only)")
-    try: teachers = build_teachers(r, dino_weights, clip_weights, random_init=random_teachers)
-    except (RuntimeError, FileNotFoundError) as e: raise SystemExit(f"error: {e}")
-    dls = pretrain_dls(data, img_size=r.img_size, bs=r.bs, num_workers=workers, seed=seed, device=device,
-                       rank=rank, world_size=world, n_train=n_train)
-    output = Path(output)
-    learn = mor_learner(dls, r, teachers=teachers, output=output, save_every=save_every,
-                        cbs=_extra_loggers(output, tensorboard, wandb) if rank == 0 else None)
-    if rank == 0:
-        m = unwrap(learn.model)
-        n_train_p = sum(p.numel() for p in m.parameters() if p.requires_grad) / 1e6
-        print(f"{r.arch} + MoR {'+'.join(f'{t}x{w:g}' for t, w in m.loss_weights.items())} (S={m.shared_depth}, N={m.branch_depth}): "
-              f"{n_train_p:.1f} M trained params; {len(dls.train.dataset)} images; {r.epochs} epochs; batch {r.bs} x {r.accum} x {world} "
-              f"= {learn.eff_bs}; lr {learn.lr:.2e}; {r.precision} on {device}")
-    try: fit_pretrain(learn, resume=resume)
-    except NonFiniteLossError as e: raise SystemExit(f"error: {e}")
-    if rank == 0: print(f"done: checkpoints, log.csv (columns per target){' and figures' if 'pixel' in r.targets else ''} in {output}")

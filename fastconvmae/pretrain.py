@@ -4,7 +4,7 @@
 
 # %% ../nbs/05_pretrain.ipynb #750b19bf
 from __future__ import annotations
-import math, os, random, time, warnings
+import contextlib, math, os, random, re, shutil, signal, sys, time, warnings
 from dataclasses import dataclass, asdict, replace, fields
 from functools import partial
 from pathlib import Path
@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 from fastcore.basics import store_attr
-from fastcore.script import call_parse
+from fastcore.script import call_parse, bool_arg
 from fastai.learner import Learner
 from fastai.data.core import DataLoaders
 from fastai.callback.core import Callback, CancelFitException, CancelEpochException
@@ -25,14 +25,17 @@ from fastai.optimizer import OptimWrapper
 from fastai.distributed import DistributedTrainer, DistributedDL, rank_distrib, num_distrib
 from fastai.torch_core import default_device
 from timm.optim import param_groups_weight_decay
-from .models import create_model, reconstruct, show_views, MaskedAutoencoderConvViT
+from .models import MODELS, create_model, reconstruct, show_views, MaskedAutoencoderConvViT
 from .data import pretrain_dls, BadImageReport, PretrainDL
 
 # %% auto #0
-__all__ = ['PRESETS', 'PretrainRecipe', 'pretrain_param_groups', 'adamw', 'lr_schedule', 'AnyDeviceMixedPrecision',
-           'NonFiniteLossError', 'StopOnNonFinite', 'unwrap', 'rng_states', 'set_rng_states', 'atomic_save',
-           'load_checkpoint', 'PretrainCheckpoint', 'SkipEpochs', 'RestoreState', 'ShardedTrainer',
-           'ReconstructionFigure', 'mae_loss', 'pretrain_learner', 'fit_pretrain', 'launch_setup', 'main']
+__all__ = ['PRESETS', 'MODEL_FIELDS', 'RUN_FILES', 'PretrainRecipe', 'pretrain_param_groups', 'adamw', 'lr_schedule',
+           'AnyDeviceMixedPrecision', 'NonFiniteLossError', 'StopOnNonFinite', 'unwrap', 'rng_states', 'set_rng_states',
+           'isolated_rng', 'all_rng_states', 'atomic_save', 'load_checkpoint', 'PretrainCheckpoint', 'SkipEpochs',
+           'RestoreState', 'RunLog', 'ShardedTrainer', 'ReconstructionFigure', 'mae_loss', 'pretrain_learner',
+           'describe_recipe', 'check_resume', 'fit_pretrain', 'launch_setup', 'seed_rank', 'UserError', 'check_args',
+           'run_files', 'clean_stale_tmp', 'prepare_output', 'run_cli', 'EpochLines', 'console_progress',
+           'pretrain_archs', 'recipe_from_args', 'keep_published_batch', 'pretrain', 'main']
 
 # %% ../nbs/05_pretrain.ipynb #d9a33f3f
 @dataclass
@@ -54,6 +57,10 @@ class PretrainRecipe:
     clip: float|None = None  # max gradient norm, None for no clipping
     devices: int = 1  # devices the recipe was published for (for the record; the run uses what it is launched on)
 
+#: Official recipes. `bs` is per device and `devices` the number the recipe was published for: on fewer devices the
+#: command line keeps the recipe's effective batch (`bs x devices`) by gradient accumulation. ConvMAE-B: the paper's
+#: batch is 1,024 (128 x 8 GPUs); the repository's PRETRAIN.md command runs 3 nodes x 8 GPUs x 128 = 3,072 (same base lr,
+#: so a 3x larger lr): launch it on 24 GPUs or pass `--accum 3` on 8 to reproduce that run.
 PRESETS = dict(
     fastconvmae_base=PretrainRecipe('fastconvmae_convvit_base_patch16', epochs=50, warmup_epochs=10, blr=6e-4, bs=64,
                                     img_size=224, precision='fp16', devices=8),
@@ -122,6 +129,24 @@ def set_rng_states(s: dict):
     n = s['numpy']
     np.random.set_state((n[0], n[1].numpy().astype(np.uint32), *n[2:]))
 
+@contextlib.contextmanager
+def isolated_rng(seed: int|None=None):
+    "Run a block that draws random numbers (a figure, an evaluation) without moving the training's random streams."
+    saved = rng_states()
+    try:
+        if seed is not None: torch.manual_seed(seed); random.seed(seed); np.random.seed(seed)
+        yield
+    finally: set_rng_states(saved)
+
+def all_rng_states() -> list[dict]:
+    "Every rank's `rng_states()` (a list of one outside DDP); a collective call: every rank must make it."
+    import torch.distributed as dist
+    s = rng_states()
+    if num_distrib() < 2 or not dist.is_initialized(): return [s]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, s)
+    return out
+
 def atomic_save(obj, path) -> Path:
     "`torch.save` to a temporary file in the same folder, fsync, then rename over `path`."
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
@@ -138,8 +163,11 @@ def load_checkpoint(path) -> dict:
     "Load a checkpoint safely (`weights_only=True`), with a clear error for a missing or unreadable file."
     path = Path(path)
     if not path.is_file(): raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.stat().st_size == 0: raise ValueError(f"cannot read checkpoint {path}: the file is empty")
     try: return torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e: raise ValueError(f"cannot read checkpoint {path}: {e}") from e
+    except Exception as e:
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"cannot read checkpoint {path}: {why}") from e
 
 # %% ../nbs/05_pretrain.ipynb #7d6682b4
 class PretrainCheckpoint(Callback):
@@ -147,16 +175,20 @@ class PretrainCheckpoint(Callback):
     order = 99  # after validation, logging and figures of the epoch
     def __init__(self, output, every: int=1, keep: bool=False, recipe: PretrainRecipe|None=None): store_attr()
 
-    def state(self) -> dict:
-        scaler = getattr(self.learn, 'scaler', None)
+    def state(self, rngs: list[dict]) -> dict:
+        scaler, rec = getattr(self.learn, 'scaler', None), self.recorder
         return dict(model=unwrap(self.model).state_dict(), optimizer=self.opt.state_dict(), epoch=self.epoch,
-                    scaler=scaler.state_dict() if scaler is not None else None, rng=rng_states(),
-                    recipe=asdict(self.recipe) if self.recipe else None)
+                    scaler=scaler.state_dict() if scaler is not None else None, rng=rngs[0], rng_per_rank=rngs,
+                    recipe=asdict(self.recipe) if self.recipe else None,
+                    recorder=dict(smooth_val=rec.smooth_loss.val.detach().float().cpu(), smooth_count=rec.smooth_loss.count,
+                                  losses=torch.tensor([float(o) for o in rec.losses]), lrs=torch.tensor([float(o) for o in rec.lrs])))
 
     def after_epoch(self):
-        if self.epoch < getattr(self.learn, 'resume_epoch', 0) or rank_distrib(): return  # skipped on resume, or not rank 0
+        if self.epoch < getattr(self.learn, 'resume_epoch', 0): return  # skipped on resume
         if (self.epoch + 1) % self.every and self.epoch + 1 != self.n_epoch: return
-        state = self.state()
+        rngs = all_rng_states()  # collective: every rank sends its random states, rank 0 saves them all
+        if rank_distrib(): return
+        state = self.state(rngs)
         atomic_save(state, Path(self.output) / 'checkpoint-latest.pth')
         if self.keep: atomic_save(state, Path(self.output) / f'checkpoint-{self.epoch:04d}.pth')
 
@@ -172,13 +204,37 @@ class SkipEpochs(Callback):
         self.learn.logger = self.logger_
 
 class RestoreState(Callback):
-    "On resume: restore the grad scaler and the random states once everything else is set up."
+    "On resume: restore the grad scaler and this rank's random states once everything else is set up, and the smoothed loss."
     order = 12  # after MixedPrecision (10) and DistributedTrainer (11) have built theirs
     def __init__(self, ckpt: dict): self.ckpt = ckpt
     def before_fit(self):
         if self.ckpt.get('scaler') and getattr(self.learn, 'scaler', None) is not None:
             self.learn.scaler.load_state_dict(self.ckpt['scaler'])
-        set_rng_states(self.ckpt['rng'])
+        per_rank, rank = self.ckpt.get('rng_per_rank') or [self.ckpt['rng']], rank_distrib()
+        if len(per_rank) != max(num_distrib(), 1) and rank == 0:
+            warnings.warn(f"resuming with {max(num_distrib(), 1)} processes a run saved by {len(per_rank)}: the random streams "
+                          "of the extra ranks start afresh, so the run is not an exact continuation")
+        if rank < len(per_rank): set_rng_states(per_rank[rank])
+    def before_epoch(self):  # Recorder resets its smoothed loss in before_fit: put it back before the first trained epoch
+        rec = self.ckpt.get('recorder')
+        if rec is None or self.epoch != getattr(self.learn, 'resume_epoch', 0): return
+        self.recorder.smooth_loss.val, self.recorder.smooth_loss.count = rec['smooth_val'], rec['smooth_count']
+        self.recorder.losses = [o for o in rec['losses']]
+        self.recorder.lrs = rec['lrs'].tolist()
+
+class RunLog(CSVLogger):
+    "fastai's `CSVLogger` for runs that resume: one header, and one row per epoch (on resume, the rows after the checkpoint's epoch are dropped first)."
+    def __init__(self, fname='log.csv'): super().__init__(fname, append=True)
+    def before_fit(self):
+        if hasattr(self, 'gather_preds'): return
+        p = self.path / self.fname
+        keep = getattr(self.learn, 'resume_epoch', 0)
+        rows = p.read_text().splitlines()[1:] if keep and p.exists() else []
+        rows = [l for l in rows if l.split(',', 1)[0].isdigit() and int(l.split(',', 1)[0]) < keep]
+        tmp = p.with_name(f'.{p.name}.tmp-{os.getpid()}')
+        tmp.write_text('\n'.join([','.join(self.recorder.metric_names)] + rows) + '\n'); os.replace(tmp, p)
+        self.file = p.open('a')
+        self.old_logger, self.learn.logger = self.logger, self._write_line
 
 # %% ../nbs/05_pretrain.ipynb #ebf85253
 class ShardedTrainer(DistributedTrainer):
@@ -198,7 +254,7 @@ class ReconstructionFigure(Callback):
 
     def before_fit(self):
         if rank_distrib(): return
-        xb = self.dls.valid.one_batch()[0][:self.n]
+        with isolated_rng(self.seed): xb = self.dls.valid.one_batch()[0][:self.n]  # iterating a loader draws a seed
         self.imgs = xb.to(next(self.model.parameters()).device)
         m = unwrap(self.model)
         self.noise = torch.rand(self.imgs.shape[0], m.check_input(self.imgs)[0] * m.check_input(self.imgs)[1],
@@ -207,7 +263,9 @@ class ReconstructionFigure(Callback):
     def figure(self, title=''):
         import matplotlib.pyplot as plt
         m = unwrap(self.model); training = m.training; m.eval()
-        try: fig = show_views(self.imgs.cpu(), *[t.cpu() for t in reconstruct(m, self.imgs, noise=self.noise)], title=title)
+        try:
+            with isolated_rng(self.seed):
+                fig = show_views(self.imgs.cpu(), *[t.cpu() for t in reconstruct(m, self.imgs, noise=self.noise)], title=title)
         finally: m.train(training)
         return fig
 
@@ -249,7 +307,7 @@ def pretrain_learner(dls: DataLoaders, recipe: PretrainRecipe|None=None, model: 
     if r.clip: cbs.append(GradientClip(r.clip))
     if save_every: cbs.append(PretrainCheckpoint(output, save_every, keep_checkpoints, r))
     if figures: cbs.append(ReconstructionFigure(output))
-    if log and not rank_distrib(): cbs.append(CSVLogger('log.csv', append=True))
+    if log and not rank_distrib(): cbs.append(RunLog('log.csv'))
     cbs.append(BadImageReport())
     learn = Learner(dls, model, loss_func=mae_loss, opt_func=partial(adamw, betas=r.betas),
                     splitter=partial(pretrain_param_groups, weight_decay=r.weight_decay),
@@ -261,7 +319,41 @@ def pretrain_learner(dls: DataLoaders, recipe: PretrainRecipe|None=None, model: 
     return learn
 
 # %% ../nbs/05_pretrain.ipynb #0c72ec2b
-def fit_pretrain(learn: Learner, epochs: int|None=None, resume=None) -> Learner:
+#: recipe fields that define the model and its task: a checkpoint cannot continue with other values
+MODEL_FIELDS = ('arch', 'img_size', 'norm_pix_loss', 'mask_ratio', 'targets', 'shared_depth', 'branch_depth')
+
+def describe_recipe(r: dict) -> str:
+    "A recipe (as a dict) in words: method, architecture, targets."
+    arch = r.get('arch', '?')
+    method = 'Fast ConvMAE' if arch.startswith('fastconvmae') else 'ConvMAE' if arch.startswith('convmae') else arch
+    tg = tuple(r.get('targets') or ('pixel',))
+    return f"{method} ({arch}, {r.get('img_size')} px, targets {'+'.join(tg)}{', norm-pix' if r.get('norm_pix_loss') else ''})"
+
+def check_resume(ck: dict, recipe, epochs: int, force: bool=False, path='checkpoint') -> list[str]:
+    "Refuse to continue a checkpoint whose model or method differs from `recipe` (unless `force`); return notes on other changed settings."
+    saved, now = ck.get('recipe') or {}, asdict(recipe)
+    norm = lambda v: tuple(v) if isinstance(v, list) else v
+    diff = [f for f in MODEL_FIELDS if saved and (tuple(saved.get(f) or ('pixel',)) != tuple(now.get(f) or ('pixel',)) if f == 'targets'
+                                                  else f in saved and f in now and norm(saved[f]) != norm(now[f]))]
+    if diff and not force:
+        raise UserError(f"{path} holds {describe_recipe(saved)}, but this run is {describe_recipe(now)} (differs in "
+                         f"{', '.join(diff)}): resume with the checkpoint's settings, or pass --force_resume to load it anyway")
+    notes = [f"{f} {saved[f]} -> {now[f]}" for f in now if f in saved and f not in MODEL_FIELDS and norm(saved[f]) != norm(now[f])]
+    if ck['epoch'] + 1 >= epochs: raise UserError(f"{path} already finished epoch {ck['epoch'] + 1} of {epochs}: nothing left to train")
+    return notes
+
+def _load_model_state(model: nn.Module, sd: dict, path) -> None:
+    "`load_state_dict(strict=True)` with a short summary instead of hundreds of size errors."
+    own = model.state_dict()
+    missing, unexpected = [k for k in own if k not in sd], [k for k in sd if k not in own]
+    shapes = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in sd if k in own and sd[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        raise UserError(f"{path} does not fit the model: {len(missing)} missing, {len(unexpected)} unexpected, "
+                         f"{len(shapes)} of another shape" + (f" (e.g. {shapes[0]})" if shapes else
+                         f" (e.g. {(missing or unexpected)[0]})"))
+    model.load_state_dict(sd)
+
+def fit_pretrain(learn: Learner, epochs: int|None=None, resume=None, force_resume: bool=False) -> Learner:
     "Train with the recipe's warm-up + cosine schedule for `epochs` (default: the recipe's), optionally resuming from a checkpoint."
     r = learn.recipe
     epochs = epochs or r.epochs
@@ -269,11 +361,12 @@ def fit_pretrain(learn: Learner, epochs: int|None=None, resume=None) -> Learner:
     cbs = [ParamScheduler({'lr': lr_schedule(learn.lr, epochs, r.warmup_epochs, r.min_lr)})]
     if resume:
         ck = load_checkpoint(resume)
-        unwrap(learn.model).load_state_dict(ck['model'])
+        notes = check_resume(ck, r, epochs, force_resume, resume)
+        if notes and not rank_distrib(): print(f"note: resuming {resume} with changed settings: {'; '.join(notes)}")
+        _load_model_state(unwrap(learn.model), ck['model'], resume)
         if learn.opt is None: learn.create_opt()
         learn.opt.load_state_dict(ck['optimizer'])
         learn.resume_epoch = ck['epoch'] + 1
-        if learn.resume_epoch >= epochs: raise ValueError(f"{resume} already finished epoch {ck['epoch']} of {epochs}")
         if isinstance(learn.dls.train, PretrainDL): learn.dls.train.set_epoch(learn.resume_epoch)
         cbs += [RestoreState(ck), SkipEpochs(learn.resume_epoch)]
     learn.fit(epochs, cbs=cbs)
@@ -290,17 +383,165 @@ def _state_close(a: dict, b: dict, atol=1e-6):
 
 # %% ../nbs/05_pretrain.ipynb #29026286
 def launch_setup(seed: int=0, device=None) -> tuple[int, int, torch.device]:
-    "Seed torch, Python and NumPy; return (rank, world size, device), the device being this process's GPU (`LOCAL_RANK`) or the CPU."
+    "Seed torch, Python and NumPy with `seed` (the same on every rank); return (rank, world size, device), the device being this process's GPU (`LOCAL_RANK`) or the CPU."
     torch.manual_seed(seed); random.seed(seed); np.random.seed(seed)
     if device is None:
         device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0))) if torch.cuda.is_available() else torch.device('cpu')
     return rank_distrib(), max(num_distrib(), 1), torch.device(device)
 
+def seed_rank(seed: int=0) -> int:
+    "Once the model is built, reseed torch, Python and NumPy with `seed + rank`: each rank draws its own masks, drop paths, augmentations and mixes (the official `seed + rank`)."
+    s = seed + rank_distrib()
+    torch.manual_seed(s); random.seed(s); np.random.seed(s)
+    return s
+
+# %% ../nbs/05_pretrain.ipynb #834f10c3
+class UserError(ValueError):
+    "A mistake in what the user asked for: console scripts print `error: <message>` and exit with status 2."
+
+_KINDS = {
+    'pos_int': (lambda v: isinstance(v, int) and v > 0, 'a positive integer'),
+    'nonneg_int': (lambda v: isinstance(v, int) and v >= 0, 'a non-negative integer'),
+    'pos': (lambda v: math.isfinite(v) and v > 0, 'a positive number'),
+    'nonneg': (lambda v: math.isfinite(v) and v >= 0, 'a non-negative number'),
+    'unit': (lambda v: 0 <= v <= 1, 'a number in [0, 1]'),
+    'open_unit': (lambda v: 0 < v < 1, 'a number strictly between 0 and 1'),
+    'img_size': (lambda v: isinstance(v, int) and v > 0 and v % 16 == 0, 'a positive multiple of 16'),
+}
+
+def check_args(**named) -> None:
+    "Validate command-line numbers given as `name=(value, kind)`, kind one of `_KINDS`; `None` values are skipped."
+    for name, (v, kind) in named.items():
+        if v is None: continue
+        ok, what = _KINDS[kind]
+        if isinstance(v, bool) or not ok(v): raise UserError(f"--{name} must be {what}, got {v}")
+
+#: files that mark a folder as holding a run
+RUN_FILES = re.compile(r'^(checkpoint-(latest|\d+)\.pth|log\.csv|history\.csv|finetuned\.pth)$')
+
+def run_files(folder) -> list[Path]:
+    "The files of a previous run in `folder` (checkpoints and logs)."
+    folder = Path(folder)
+    return sorted(p for p in folder.iterdir() if RUN_FILES.match(p.name)) if folder.is_dir() else []
+
+def _alive(pid: int) -> bool:
+    try: os.kill(pid, 0)
+    except ProcessLookupError: return False
+    except (PermissionError, OSError): return True
+    return True
+
+def clean_stale_tmp(folder) -> list[Path]:
+    "Remove the `.NAME.tmp-PID` files left by saves that were killed (their process is gone)."
+    out = []
+    for p in Path(folder).glob('.*.tmp-*'):
+        pid = p.name.rsplit('-', 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid)): continue
+        p.unlink(missing_ok=True); out.append(p)
+    return out
+
+_RUNNING = {}  # the output folder of the command being run, for the Ctrl-C message
+
+def prepare_output(output, resume=None, overwrite: bool=False) -> Path:
+    "The output folder (relative to the working directory): refuse one that holds another run unless resuming it or `overwrite`; clean stale temporary files."
+    out = Path(output).expanduser().absolute()
+    if out.exists() and not out.is_dir(): raise UserError(f"output {out} exists and is not a folder")
+    old = run_files(out)
+    res = Path(resume).expanduser().absolute() if resume else None
+    if old and not overwrite:
+        if res is None:
+            raise UserError(f"{out} already holds a run ({', '.join(p.name for p in old)}): continue it with "
+                            f"--resume {out / 'checkpoint-latest.pth'}, replace it with --overwrite, or choose another output folder")
+        if res.parent != out:
+            raise UserError(f"{out} holds another run than {res}: resume into the checkpoint's folder, or pass --overwrite")
+    if not rank_distrib():
+        out.mkdir(parents=True, exist_ok=True)
+        if overwrite:
+            for p in old:
+                if p != res: p.unlink()
+            if res is None: shutil.rmtree(out / 'reconstructions', ignore_errors=True)
+        clean_stale_tmp(out)
+    _RUNNING['output'] = out
+    return out
+
+def _one_line(e: BaseException) -> str:
+    lines = [re.sub(r'^\s*(- )?', '', l).rstrip() for l in str(e).strip().splitlines() if l.strip(' -')]
+    if not lines: return type(e).__name__
+    return lines[0] + (' ' + '; '.join(lines[1:]) if len(lines) > 1 else '')
+
+def run_cli(fn, *args, debug: bool=False, **kwargs) -> None:
+    "Run a command line's body: user mistakes become one `error: ...` line (exit 2), other failures one line (exit 1), Ctrl-C `interrupted; last checkpoint: ...` (exit 130); tracebacks only with `debug`."
+    import pickle
+    who = f"[rank {rank_distrib()}] " if num_distrib() > 1 else ''
+    try: fn(*args, **kwargs)
+    except KeyboardInterrupt:
+        if debug: raise
+        ck = _RUNNING['output'] / 'checkpoint-latest.pth' if 'output' in _RUNNING else None
+        print(f"{who}interrupted; last checkpoint: {ck}" if ck is not None and ck.exists() else f"{who}interrupted before the first checkpoint",
+              file=sys.stderr, flush=True)
+        sys.exit(130)
+    except Exception as e:
+        if debug: raise
+        user = isinstance(e, (UserError, ValueError, TypeError, OSError, pickle.UnpicklingError, ImportError))
+        hint = '' if user else f" ({type(e).__name__}; rerun with --debug for the traceback)"
+        print(f"{who}error: {_one_line(e)}{hint}", file=sys.stderr, flush=True)
+        sys.exit(2 if isinstance(e, UserError) else 1)
+
+class EpochLines(Callback):
+    "One printed line per epoch (for log files and pipes) instead of fastai's live progress bar."
+    order = 59  # before CSVLogger (60) wraps the logger
+    def before_fit(self): self.old_logger, self.learn.logger = self.logger, self._write
+    def _write(self, log):
+        fmt = lambda n, v: f"{n} {v:.4f}" if isinstance(v, float) else f"{n} {v}"
+        print('  '.join(fmt(n, v) for n, v in zip(self.recorder.metric_names, log)), flush=True)
+    def after_fit(self): self.learn.logger = self.old_logger
+
+def console_progress(learn: Learner, stream=None) -> Learner:
+    "Rank 0 on a terminal keeps the live progress bar; written to a file or a pipe, one line per epoch; other ranks print nothing."
+    stream = stream or sys.stdout
+    if rank_distrib() or not stream.isatty():
+        learn.remove_cbs([cb for cb in learn.cbs if isinstance(cb, (ProgressCallback, EpochLines))])
+        if rank_distrib(): learn.logger = noop
+        else: learn.add_cb(EpochLines())
+    return learn
+
 # %% ../nbs/05_pretrain.ipynb #97644483
-def _recipe_from_args(preset: str, **overrides) -> PretrainRecipe:
-    if preset not in PRESETS: raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
-    known = {f.name for f in fields(PretrainRecipe)}
-    return replace(PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None and k in known})
+def pretrain_archs() -> list[str]:
+    "The architectures `fastconvmae_pretrain` can train (classifiers such as `convvit_base_patch16` are for fine-tuning)."
+    return sorted(a for a in MODELS if a.startswith(('fastconvmae_', 'convmae_')))
+
+def recipe_from_args(preset: str, targets: tuple|None=None, **overrides) -> PretrainRecipe:
+    "The recipe of `preset` with `overrides`; with MoR `targets` (or a MoR preset) a `MoRRecipe`. Raises `UserError` on a bad choice."
+    from .mor import MoRRecipe, MOR_PRESETS, TARGETS
+    presets = {**PRESETS, **MOR_PRESETS}
+    if preset not in presets: raise UserError(f"unknown preset {preset!r}; choose one of {', '.join(sorted(presets))}")
+    r = presets[preset]
+    if targets is not None and (isinstance(r, MoRRecipe) or tuple(targets) != ('pixel',)):
+        r = replace(r if isinstance(r, MoRRecipe) else MoRRecipe(**asdict(r)), targets=tuple(targets))
+    known = {f.name for f in fields(r)}
+    extra = [k for k, v in overrides.items() if v is not None and k not in known]
+    if extra: raise UserError(f"{', '.join('--' + k for k in extra)} only apply to a Mixture of Reconstructors (pass --targets)")
+    r = replace(r, **{k: v for k, v in overrides.items() if v is not None})
+    if r.arch not in pretrain_archs():
+        raise UserError(f"{r.arch!r} cannot be pretrained; choose one of {', '.join(pretrain_archs())}"
+                        + (" (convvit_* are the fine-tuning classifiers)" if r.arch in MODELS else ''))
+    if isinstance(r, MoRRecipe):
+        bad = [t for t in r.targets if t not in TARGETS]
+        if bad or not r.targets: raise UserError(f"unknown targets {','.join(bad) or '(none)'}; choose among {','.join(TARGETS)}")
+        if r.weights is not None and len(r.weights) != len(r.targets):
+            raise UserError(f"{len(r.weights)} --weights for {len(r.targets)} targets ({','.join(r.targets)})")
+    if r.warmup_epochs > r.epochs: raise UserError(f"--warmup_epochs {r.warmup_epochs} is longer than the {r.epochs} epochs")
+    if r.precision not in ('fp32', 'bf16', 'fp16'): raise UserError(f"--precision must be fp32, bf16 or fp16, got {r.precision!r}")
+    return r
+
+def keep_published_batch(r: PretrainRecipe, world: int, user_set_batch: bool) -> tuple[PretrainRecipe, str|None]:
+    "On fewer devices than the recipe's, accumulate gradients to keep its effective batch `bs x devices` (unless the user set the batch)."
+    if user_set_batch or r.devices <= world: return r, None
+    need, per_step = r.bs * r.accum * r.devices, r.bs * world
+    if need % per_step:
+        return r, f"note: the recipe's batch {need} is not a multiple of {r.bs} x {world} processes; training with {per_step * r.accum}"
+    r = replace(r, accum=need // per_step)
+    return r, (f"note: the recipe's batch is {r.bs} x {r.devices} devices = {need}; on {world} process{'es' if world > 1 else ''} "
+               f"gradients are accumulated over {r.accum} steps to keep it (set --bs or --accum to change this)")
 
 def _extra_loggers(output: Path, tensorboard: bool, wandb: bool) -> list:
     cbs = []
@@ -314,39 +555,93 @@ def _extra_loggers(output: Path, tensorboard: bool, wandb: bool) -> list:
         cbs.append(WandbCallback(log_preds=False, log_model=False))
     return cbs
 
+def _split(s: str|None, f=str) -> tuple|None:
+    if s is None: return None
+    try: return tuple(f(o.strip()) for o in s.split(',') if o.strip())
+    except ValueError: raise UserError(f"expected comma-separated numbers, got {s!r}") from None
+
+# %% ../nbs/05_pretrain.ipynb #ae4e4984
+def pretrain(data='data', preset='cpu', targets=None, weights=None, dino_weights=None, clip_weights=None, dino_model=None,
+             clip_model=None, shared_depth=None, branch_depth=None, ema_start=None, random_teachers=False, arch=None, epochs=None,
+             warmup_epochs=None, bs=None, blr=None, img_size=None, mask_ratio=None, norm_pix_loss=None, precision=None, accum=None,
+             clip=None, workers=None, n_train=None, resume=None, force_resume=False, output=None, overwrite=False, save_every=1,
+             seed=0, tensorboard=False, wandb=False, dry_run=False):
+    "The body of `fastconvmae_pretrain` (see `main` for the options)."
+    check_args(epochs=(epochs, 'pos_int'), warmup_epochs=(warmup_epochs, 'nonneg'), bs=(bs, 'pos_int'), blr=(blr, 'pos'),
+               img_size=(img_size, 'img_size'), mask_ratio=(mask_ratio, 'open_unit'), accum=(accum, 'pos_int'), clip=(clip, 'pos'),
+               workers=(workers, 'nonneg_int'), n_train=(n_train, 'pos_int'), save_every=(save_every, 'nonneg_int'),
+               seed=(seed, 'nonneg_int'), ema_start=(ema_start, 'unit'), shared_depth=(shared_depth, 'nonneg_int'),
+               branch_depth=(branch_depth, 'pos_int'))
+    r = recipe_from_args(preset, _split(targets), weights=_split(weights, float), dino_model=dino_model, clip_model=clip_model,
+                         shared_depth=shared_depth, branch_depth=branch_depth, ema_start=ema_start, arch=arch, epochs=epochs,
+                         warmup_epochs=warmup_epochs, bs=bs, blr=blr, img_size=img_size, mask_ratio=mask_ratio,
+                         norm_pix_loss=norm_pix_loss, precision=precision, accum=accum, clip=clip)
+    mor = hasattr(r, 'targets')
+    rank, world, device = launch_setup(seed)
+    r, note = keep_published_batch(r, world, bs is not None or accum is not None)
+    if dry_run:
+        if note: print(note)
+        print(f"{describe_recipe(asdict(r))}: {asdict(r)}"); return
+    if mor:
+        from .mor import build_teachers, mor_learner
+        if random_teachers and {'dino', 'clip'} & set(r.targets) and rank == 0:
+            warnings.warn("--random_teachers: the DINO/CLIP teachers have RANDOM weights (smoke tests and timing only)")
+        teachers = build_teachers(r, dino_weights, clip_weights, random_init=random_teachers)
+    dls = pretrain_dls(data, img_size=r.img_size, bs=r.bs, num_workers=workers, seed=seed, device=device,
+                       rank=rank, world_size=world, n_train=n_train)
+    output = prepare_output(output or (Path(resume).parent if resume else 'runs/pretrain'), resume, overwrite)
+    cbs = _extra_loggers(output, tensorboard, wandb) if rank == 0 else None
+    learn = (mor_learner(dls, r, teachers=teachers, output=output, save_every=save_every, cbs=cbs) if mor else
+             pretrain_learner(dls, r, output=output, save_every=save_every, cbs=cbs))
+    seed_rank(seed)
+    console_progress(learn)
+    if rank == 0:
+        m = unwrap(learn.model)
+        n_p = sum(p.numel() for p in m.parameters() if p.requires_grad) / 1e6
+        what = f" + MoR {'+'.join(f'{t}x{w:g}' for t, w in m.loss_weights.items())} (S={m.shared_depth}, N={m.branch_depth})" if mor else ''
+        if note: print(note)
+        print(f"{r.arch}{what}: {n_p:.1f} M trained params; {len(dls.train.dataset)} images; {r.epochs} epochs; batch {r.bs} x "
+              f"{r.accum} x {world} = {learn.eff_bs}; lr {learn.lr:.2e}; {r.precision} on {device}", flush=True)
+    fit_pretrain(learn, resume=resume, force_resume=force_resume)
+    if rank == 0: print(f"done: checkpoint-latest.pth, log.csv{', loss.png and reconstructions/' if not mor or 'pixel' in r.targets else ''} in {output}")
+
 @call_parse
 def main(data: str='data', # image folder: ImageNet layout (train/<class>/*, val/) or a flat folder of images
-         preset: str='cpu', # recipe: cpu, fastconvmae_base or convmae_base
-         arch: str=None, # model (default: the preset's), e.g. fastconvmae_convvit_small_patch16
+         preset: str='cpu', # recipe: cpu, fastconvmae_base, convmae_base, fastconvmae_base_ct (MoR "C+T": EMA, DINO, CLIP) or fastconvmae_base_ct_pixel
+         targets: str=None, # Mixture of Reconstructors: comma-separated targets among pixel, ema, dino, clip (default: the preset's; pixel alone = plain MAE)
+         weights: str=None, # MoR: comma-separated loss weights, one per target (default: all 1)
+         dino_weights: str=None, # MoR: local checkpoint of the DINO teacher (default: download from the hub)
+         clip_weights: str=None, # MoR: local checkpoint of the CLIP teacher (default: download from the hub)
+         dino_model: str=None, # MoR: timm name of the DINO teacher (default vit_base_patch16_224.dino)
+         clip_model: str=None, # MoR: timm name of the CLIP teacher (default vit_base_patch16_clip_quickgelu_224.openai)
+         shared_depth: int=None, # MoR: decoder blocks shared by all targets (S)
+         branch_depth: int=None, # MoR: decoder blocks of each target's branch (N)
+         ema_start: float=None, # MoR: EMA momentum at the start (rises to 1 by half-cosine)
+         random_teachers: bool=False, # MoR: random-weight DINO/CLIP teachers (smoke tests and timing only)
+         arch: str=None, # model (default: the preset's), e.g. fastconvmae_convvit_small_patch16 or convmae_convvit_base_patch16
          epochs: int=None, # epochs (schedule length)
          warmup_epochs: float=None, # linear warm-up epochs
          bs: int=None, # batch size per device
          blr: float=None, # base learning rate (lr = blr x effective batch / 256)
          img_size: int=None, # training resolution (divisible by 16)
          mask_ratio: float=None, # fraction of patches hidden in each view
+         norm_pix_loss: bool_arg=None, # predict per-patch normalised pixels (True in every official recipe; False for visualisation models)
          precision: str=None, # fp32, bf16 or fp16
-         accum: int=None, # gradient accumulation steps
+         accum: int=None, # gradient accumulation steps (default: the recipe's, or what keeps its published batch)
          clip: float=None, # max gradient norm
          workers: int=None, # data loading processes per device
          n_train: int=None, # use only this many training images (quick runs)
-         resume: str=None, # checkpoint to resume from
-         output: str='runs/pretrain', # folder for checkpoints, logs and figures
-         save_every: int=1, # checkpoint every N epochs
-         seed: int=0, # seed of the data order and initialisation
+         resume: str=None, # checkpoint-latest.pth of a run to continue (into its own folder unless --output)
+         force_resume: bool=False, # resume even if the checkpoint's method or architecture differs from this run's
+         output: str=None, # folder for checkpoints, logs and figures (default runs/pretrain)
+         overwrite: bool=False, # replace the run already in --output
+         save_every: int=1, # checkpoint every N epochs (and after the last)
+         seed: int=0, # seed of the data order and initialisation (each rank then draws with seed + rank)
          tensorboard: bool=False, # also log to TensorBoard (needs tensorboard)
          wandb: bool=False, # also log to Weights & Biases (needs wandb)
+         dry_run: bool=False, # print the resolved recipe and exit
+         debug: bool=False, # show tracebacks instead of one-line errors
         ):
-    "Pretrain ConvMAE / Fast ConvMAE with a fastai Learner (one process, or one per device under torchrun / accelerate launch)."
-    r = _recipe_from_args(preset, arch=arch, epochs=epochs, warmup_epochs=warmup_epochs, bs=bs, blr=blr, img_size=img_size,
-                          mask_ratio=mask_ratio, precision=precision, accum=accum, clip=clip)
-    rank, world, device = launch_setup(seed)
-    dls = pretrain_dls(data, img_size=r.img_size, bs=r.bs, num_workers=workers, seed=seed, device=device,
-                       rank=rank, world_size=world, n_train=n_train)
-    output = Path(output)
-    learn = pretrain_learner(dls, r, output=output, save_every=save_every, cbs=_extra_loggers(output, tensorboard, wandb) if rank == 0 else None)
-    if rank == 0:
-        print(f"{r.arch}: {sum(p.numel() for p in learn.model.parameters()) / 1e6:.1f} M params; {len(dls.train.dataset)} images; "
-              f"{r.epochs} epochs; batch {r.bs} x {r.accum} x {world} = {learn.eff_bs}; lr {learn.lr:.2e}; {r.precision} on {device}")
-    try: fit_pretrain(learn, resume=resume)
-    except NonFiniteLossError as e: raise SystemExit(f"error: {e}")
-    if rank == 0: print(f"done: checkpoints, log.csv, loss.png and reconstructions/ in {output}")
+    "Pretrain ConvMAE / Fast ConvMAE, optionally with a Mixture of Reconstructors, with a fastai Learner (one process, or one per device under torchrun / accelerate launch)."
+    kw = {k: v for k, v in locals().items() if k != 'debug'}
+    run_cli(pretrain, debug=debug, **kw)

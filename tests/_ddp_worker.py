@@ -3,6 +3,8 @@
 Run alone (one process, batch 4) or under `torchrun --nproc_per_node 2` (batch 2 per rank); writes
 the final state dict of each rank to OUT/rank{r}.pt. Inputs and masks are deterministic per image
 (masking noise derived from the image itself), so both runs see the same global batches.
+It also records, after the command lines' per-rank seeding (`launch_setup` then `seed_rank`), the
+mask the standard model draws for the same image on each rank (OUT/mask{r}.pt).
 """
 import sys, torch
 from pathlib import Path
@@ -12,7 +14,7 @@ from fastai.distributed import rank_distrib, num_distrib
 from fastconvmae.models import MaskedAutoencoderConvViT, fastconvmae_convvit_tiny_patch16
 from fastconvmae.masking import patchify
 from fastconvmae.data import PretrainDL
-from fastconvmae.pretrain import PRESETS, pretrain_learner, fit_pretrain
+from fastconvmae.pretrain import PRESETS, pretrain_learner, fit_pretrain, launch_setup, seed_rank
 
 class ImageNoiseMAE(MaskedAutoencoderConvViT):
     "Masks drawn from noise computed from each image, so they do not depend on how the batch is split."
@@ -20,7 +22,7 @@ class ImageNoiseMAE(MaskedAutoencoderConvViT):
         return super().forward(imgs, mask_ratio, patchify(imgs).mean(-1))
 
 def main(out, bs):
-    rank, world = rank_distrib(), max(num_distrib(), 1)
+    rank, world, _ = launch_setup(0)
     torch.manual_seed(0)
     items = [(torch.randn(3, 64, 64), 0) for _ in range(16)]
     train = PretrainDL(items, bs=bs, shuffle=True, seed=0, rank=rank, world_size=world, drop_last=True)
@@ -32,7 +34,9 @@ def main(out, bs):
     torch.manual_seed(1); model.initialize_weights()
     recipe = replace(PRESETS['cpu'], epochs=2, warmup_epochs=1, blr=5e-2, precision='fp32', img_size=64)
     torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, Path(out) / f'init{rank}.pt')
-    learn = pretrain_learner(dls, recipe, model=model, output=Path(out), save_every=0, figures=False, log=False)
+    learn = pretrain_learner(dls, recipe, model=model, output=Path(out), save_every=1, figures=False, log=False)
+    seed_rank(0)  # as the command lines do once the model is built
+    with torch.no_grad(): torch.save(ref(items[0][0][None])[2], Path(out) / f'mask{rank}.pt')
     with learn.no_bar(), learn.no_logging(): fit_pretrain(learn)
     torch.save({k: v.detach().clone() for k, v in learn.model.state_dict().items()}, Path(out) / f'rank{rank}.pt')
     print(f'rank {rank}/{world}: eff batch {learn.eff_bs}, steps {learn.train_iter}')

@@ -31,3 +31,8 @@ def test_ddp_matches_single_process(tmp_path):
     moved = max((init[k] - r0[k]).abs().max().item() for k in init)
     assert moved > 1e-3, moved
     assert 'steps 8' in out  # 16 images / global batch 4 = 4 steps per epoch, 2 epochs
+    # every rank draws its own randomness (official seed + rank): different masks for the same image
+    assert not torch.equal(torch.load(ddp / 'mask0.pt'), torch.load(ddp / 'mask1.pt'))
+    # and the checkpoint keeps every rank's random state, so a resume is exact with several processes
+    ck = torch.load(ddp / 'checkpoint-latest.pth', weights_only=True)
+    assert len(ck['rng_per_rank']) == 2 and not torch.equal(ck['rng_per_rank'][0]['torch'], ck['rng_per_rank'][1]['torch'])

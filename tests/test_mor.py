@@ -123,7 +123,7 @@ def test_teachers_frozen(teachers, tmp_path):
     frozen = {id(p) for p in ema.parameters()} | {id(p) for v in hidden for p in v.parameters()}
     in_groups = {id(p) for g in pretrain_param_groups(m) for p in g['params']}
     assert not in_groups & frozen and in_groups == {id(p) for p in m.parameters() if p.requires_grad}
-    learn = mor_learner(tiny_dls(), replace(MOR_PRESETS['cpu'], img_size=64, bs=2), model=m, output=tmp_path,
+    learn = mor_learner(tiny_dls(), replace(MOR_PRESETS['cpu_mor'], img_size=64, bs=2), model=m, output=tmp_path,
                         figures=False, log=False, save_every=0)
     learn.create_opt()
     assert not {id(p) for pl in learn.opt.param_lists for p in pl} & frozen
@@ -177,7 +177,7 @@ def test_ema_callback_updates_after_each_real_step_only(tmp_path):
             self.snaps.append(self.model.blocks3[0].attn.qkv.weight.detach().clone())
             self.ms.append(self.learn.ema_momentum)
     torch.manual_seed(0)
-    r = replace(MOR_PRESETS['cpu'], img_size=64, bs=2, epochs=2, warmup_epochs=1, blr=5e-3, targets=('pixel', 'ema'))
+    r = replace(MOR_PRESETS['cpu_mor'], img_size=64, bs=2, epochs=2, warmup_epochs=1, blr=5e-3, targets=('pixel', 'ema'))
     learn = mor_learner(tiny_dls(), r, model=MaskedAutoencoderConvViTMoR(targets=('pixel', 'ema'), **TINY),
                         output=tmp_path, figures=False, log=False, save_every=0)
     t0 = learn.model.teachers['ema'].blocks3[0].attn.qkv.weight.clone()
@@ -204,7 +204,7 @@ def test_ema_callback_updates_after_each_real_step_only(tmp_path):
 def test_resume_restores_the_ema_teacher(tmp_path):
     "2 epochs straight = 1 epoch, stop, resume from the checkpoint: same EMA teacher (it is in the checkpoint's model)."
     from fastai.callback.core import CancelFitException
-    r = replace(MOR_PRESETS['cpu'], img_size=64, bs=2, epochs=2, warmup_epochs=1, blr=5e-3, targets=('pixel', 'ema'))
+    r = replace(MOR_PRESETS['cpu_mor'], img_size=64, bs=2, epochs=2, warmup_epochs=1, blr=5e-3, targets=('pixel', 'ema'))
     def run(out, resume=None, stop_after=None):
         torch.manual_seed(0)
         learn = mor_learner(tiny_dls(), r, model=MaskedAutoencoderConvViTMoR(targets=('pixel', 'ema'), **TINY),
@@ -252,8 +252,8 @@ def test_without_pixels(teachers):
 # --- command line ------------------------------------------------------------------------------------
 
 def test_cli_end_to_end(tmp_path):
-    "The CLI with pixel + EMA + a random-init timm ViT-Ti as the DINO stand-in (--random_teachers), one epoch."
-    base = [sys.executable, '-m', 'fastconvmae.mor', '--data', str(REPO / 'data'), '--targets', 'pixel,ema,dino',
+    "The one pretraining command with pixel + EMA + a random-init timm ViT-Ti as the DINO stand-in (--random_teachers), one epoch."
+    base = [str(Path(sys.executable).with_name('fastconvmae_pretrain')), '--data', str(REPO / 'data'), '--targets', 'pixel,ema,dino',
             '--weights', '1,1,0.5', '--random_teachers', '--dino_model', 'vit_tiny_patch16_224', '--img_size', '64',
             '--bs', '5', '--workers', '0', '--precision', 'bf16', '--output', str(tmp_path)]
     env = {**os.environ, 'HF_HUB_OFFLINE': '1', 'PYTHONWARNINGS': 'ignore', 'OMP_NUM_THREADS': '1'}
@@ -268,9 +268,16 @@ def test_cli_end_to_end(tmp_path):
 
 
 def test_cli_argument_errors():
-    from fastconvmae.mor import _mor_recipe_from_args, _split
-    with pytest.raises(ValueError, match='unknown targets'): _mor_recipe_from_args('cpu', targets=_split('pixel,sift'))
-    with pytest.raises(ValueError, match='1 weights for 2 targets'): _mor_recipe_from_args('cpu', weights=_split('1', float))
-    with pytest.raises(ValueError, match='unknown preset'): _mor_recipe_from_args('huge')
-    r = _mor_recipe_from_args('fastconvmae_base_ct', targets=_split('pixel, clip'), weights=_split('1,0.5', float), shared_depth=4)
+    from fastconvmae.pretrain import recipe_from_args, UserError, _split
+    with pytest.raises(UserError, match='unknown targets'): recipe_from_args('cpu', targets=_split('pixel,sift'))
+    with pytest.raises(UserError, match='1 --weights for 2 targets'): recipe_from_args('cpu_mor', weights=_split('1', float))
+    with pytest.raises(UserError, match='unknown preset'): recipe_from_args('huge')
+    r = recipe_from_args('fastconvmae_base_ct', targets=_split('pixel, clip'), weights=_split('1,0.5', float), shared_depth=4)
     assert r.targets == ('pixel', 'clip') and r.weights == (1., .5) and r.shared_depth == 4 and r.epochs == 50
+
+
+def test_ct_preset_follows_the_official_figure():
+    "The official C+T depiction has three tokenizers (EMA, DINO, CLIP) and no pixel branch; pixels are our variant."
+    from fastconvmae.mor import MOR_PRESETS
+    assert MOR_PRESETS['fastconvmae_base_ct'].targets == ('ema', 'dino', 'clip')
+    assert MOR_PRESETS['fastconvmae_base_ct_pixel'].targets == ('pixel', 'ema', 'dino', 'clip')
