@@ -15,7 +15,7 @@ from .data import pretrain_dls
 from .pretrain import PRESETS, pretrain_learner, fit_pretrain, prepare_output, run_cli, console_progress
 
 # %% auto #0
-__all__ = ['run_demo', 'demo']
+__all__ = ['first_figures', 'run_demo', 'demo']
 
 # %% ../nbs/09_demo.ipynb #8a21e4c4
 def _bundled_data() -> Path:
@@ -43,6 +43,18 @@ def _loss_figure(learn, title=''):
     fig.tight_layout()
     return fig
 
+def first_figures(arch: str, img_size: int, mask_ratio: float=0.75, seed: int=0):
+    "The demo's first figures for the bundled cat photo: its masks per stage, the complementary views and an untrained model's reconstruction. Returns (figures, image batch, model, noise)."
+    from fastconvmae.masking import show_mask_stages, show_complementary_views
+    img, x = _photo_batch(_bundled_data() / 'chelsea.jpg', img_size)
+    model = create_model(arch, img_size=img_size, norm_pix_loss=False)
+    hw = model.grid
+    noise = torch.rand(1, hw[0] * hw[1], generator=torch.Generator().manual_seed(seed))
+    m = model.masking(1, hw, mask_ratio, noise)
+    figs = dict(masks=show_mask_stages(img, m.mask[0, 0], hw), views=show_complementary_views(img, m.mask[:, 0], hw),
+                untrained=show_views(x, *reconstruct(model.eval(), x, noise=noise), title='untrained: noise'))
+    return figs, x, model, noise
+
 def run_demo(data=None, # image folder (default: ../shared/data/imagenette-128 if present, else the bundled photos)
              output='outputs/demo', # the demo's own folder: figures, log and checkpoint (a previous demo there is replaced)
              epochs: int|None=None, # override the demo's epochs
@@ -50,7 +62,6 @@ def run_demo(data=None, # image folder (default: ../shared/data/imagenette-128 i
              seed: int=0, log=print) -> dict:
     "Run the demo; return its figures (matplotlib, also saved as PNGs in `output`), the train losses and the `Learner`."
     import matplotlib.pyplot as plt
-    from fastconvmae.masking import show_mask_stages, show_complementary_views
     torch.manual_seed(seed); random.seed(seed); np.random.seed(seed)
     photos = _bundled_data()
     out = prepare_output(output, overwrite=True)
@@ -60,16 +71,8 @@ def run_demo(data=None, # image folder (default: ../shared/data/imagenette-128 i
     r = replace(PRESETS['cpu'], img_size=96, epochs=epochs or 5, warmup_epochs=0.5) if big else \
         replace(PRESETS['cpu'], img_size=64, bs=5, epochs=epochs or 40, warmup_epochs=4, blr=5e-3)
     r = replace(r, norm_pix_loss=False)
-    figs = {}
-    # 1. the masks of one image at the three stage resolutions, and the complementary views
-    img, x = _photo_batch(photos / 'chelsea.jpg', r.img_size)
-    model = create_model(r.arch, img_size=r.img_size, norm_pix_loss=False)
-    hw = model.grid
-    noise = torch.rand(1, hw[0] * hw[1], generator=torch.Generator().manual_seed(seed))
-    m = model.masking(1, hw, r.mask_ratio, noise)
-    figs['masks'] = show_mask_stages(img, m.mask[0, 0], hw)
-    figs['views'] = show_complementary_views(img, m.mask[:, 0], hw)
-    figs['untrained'] = show_views(x, *reconstruct(model.eval(), x, noise=noise), title='untrained: noise')
+    # 1. the masks of one image at the three stage resolutions, the complementary views, the untrained model
+    figs, x, model, noise = first_figures(r.arch, r.img_size, r.mask_ratio, seed)
     # 2. pretraining
     dls = pretrain_dls(data, img_size=r.img_size, bs=r.bs, num_workers=1 if big else 0, seed=seed,
                        n_train=n_train if big else None, valid=4)
