@@ -83,8 +83,9 @@ def stage3_tokens(model: MaskedAutoencoderConvViT, x: Tensor, upto: int|None=Non
     for blk in list(model.blocks3)[:upto]: t = blk(t)
     return t, hw
 
-def pca_rgb(feats: Tensor, hw: tuple[int, int], q: float=0.01) -> Tensor:
-    "Tokens [B, L, D] -> [B, h, w, 3]: their first three principal components (fitted on all B L tokens) as RGB in [0, 1]."
+def pca_rgb(feats: Tensor, hw: tuple[int, int], q: float=0.01, joint: bool=False) -> Tensor:
+    "Tokens [B, L, D] -> [B, h, w, 3]: their first three principal components as RGB in [0, 1], fitted per image (on all B L tokens if `joint`)."
+    if not joint and feats.shape[0] > 1: return torch.stack([pca_rgb(f[None], hw, q, True)[0] for f in feats])
     B, L, D = feats.shape
     f = feats.reshape(-1, D).float()
     f = f - f.mean(0)
