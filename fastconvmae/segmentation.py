@@ -442,7 +442,7 @@ def seg_inference(model: UperNet, x: Tensor, mode: str='whole', crop=512, stride
 
 UperNet.inference = seg_inference
 
-# %% ../nbs/11_segmentation.ipynb #76632e2c
+# %% ../nbs/11_segmentation.ipynb #1aec87dd
 def confusion_matrix(pred: Tensor, target: Tensor, num_classes: int, ignore_index: int=255) -> Tensor:
     "[K, K] int64 counts of (truth row, predicted column) over the pixels whose label is not `ignore_index`"
     keep = (target != ignore_index) & (target >= 0) & (target < num_classes)
@@ -472,7 +472,7 @@ def init_distributed(device: torch.device):
     if device.type == 'cuda': torch.cuda.set_device(device)
     dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
 
-# %% ../nbs/11_segmentation.ipynb #5d420d1e
+# %% ../nbs/11_segmentation.ipynb #f940db01
 class SegConfusion(Metric):
     "Confusion matrix over the whole validation set (summed over processes); its value is the mIoU"
     def __init__(self, num_classes: int, ignore_index: int=255): store_attr(); self.reset()
@@ -508,7 +508,7 @@ def seg_metrics(num_classes: int, ignore_index: int=255) -> list[Metric]:
     cm = SegConfusion(num_classes, ignore_index)
     return [cm, SegScore(cm, 'aAcc'), SegScore(cm, 'mAcc')]
 
-# %% ../nbs/11_segmentation.ipynb #dd9cf412
+# %% ../nbs/11_segmentation.ipynb #6c4e506c
 def seg_layer_id(name: str, num_layers: int) -> int:
     "Official layer id of a segmenter parameter: the ConvViT ids inside `backbone.`, `num_layers + 1` for the rest"
     return convvit_layer_id(name[len('backbone.'):], num_layers) if name.startswith('backbone.') else num_layers + 1
@@ -527,7 +527,7 @@ def seg_param_groups(model: nn.Module, layer_decay: float=0.75, weight_decay: fl
                        lr_scales=[layer_decay ** (num_layers + 1 - lid) for lid, _ in keys],
                        wds=[0. if no_wd else weight_decay for _, no_wd in keys], layer_ids=[lid for lid, _ in keys])
 
-# %% ../nbs/11_segmentation.ipynb #8de2f2aa
+# %% ../nbs/11_segmentation.ipynb #efa2baec
 def poly_lr(lr, iters: int, warmup_iters: int=1500, power: float=1., min_lr: float=0., warmup_ratio: float=1e-6):
     "mmcv's poly lr (with linear warm-up from `warmup_ratio`) as a function of the fraction of training done; `lr` may be per group"
     lr = np.asarray(lr, dtype=np.float64)
@@ -538,7 +538,7 @@ def poly_lr(lr, iters: int, warmup_iters: int=1500, power: float=1., min_lr: flo
         return out
     return f
 
-# %% ../nbs/11_segmentation.ipynb #b261f645
+# %% ../nbs/11_segmentation.ipynb #4c4f75fd
 @dataclass
 class SegRecipe:
     "Settings of a segmentation run (`bs` per process; iterations are optimiser steps, `eval_interval` of them per fastai epoch)"
@@ -578,12 +578,12 @@ SEG_PRESETS = dict(
     ade20k=SegRecipe('base', crop=512, scale=(2048, 512), bs=2, iters=160_000, eval_interval=16_000,
                      warmup_iters=1500, lr=1e-4, channels=768, aux_channels=256, drop_path=0.2, precision='fp16',
                      test_mode='slide', test_crop=512, test_stride=341, devices=8),
-    cpu=SegRecipe('tiny', crop=192, scale=(360, 270), bs=8, iters=200, eval_interval=100, warmup_iters=20, lr=5e-4,
+    cpu=SegRecipe('tiny', crop=192, scale=(360, 270), bs=8, iters=100, eval_interval=50, warmup_iters=10, lr=5e-4,
                   channels=64, aux_channels=32, drop_path=0.1, precision='bf16', test_mode='whole', test_crop=192,
                   test_stride=128, valid_bs=4),
 )
 
-# %% ../nbs/11_segmentation.ipynb #70c67738
+# %% ../nbs/11_segmentation.ipynb #fb58b303
 def _precision_cbs(precision: str) -> list:
     if precision not in ('fp32', 'bf16', 'fp16'): raise ValueError(f"precision must be fp32, bf16 or fp16, got {precision!r}")
     return [] if precision == 'fp32' else [AnyDeviceMixedPrecision(precision)]
@@ -610,7 +610,7 @@ def seg_learner(dls: DataLoaders, model: UperNet, recipe: SegRecipe|None=None, o
         if rank: learn.remove_cb(ProgressCallback)
     return learn
 
-# %% ../nbs/11_segmentation.ipynb #0361f900
+# %% ../nbs/11_segmentation.ipynb #01dbb356
 def fit_segment(learn: Learner, resume=None, force_resume: bool=False) -> Learner:
     "Train for the recipe's iterations with warm-up + poly lr per iteration (times each group's scale), optionally resuming"
     r = learn.recipe
@@ -635,14 +635,14 @@ def fit_segment(learn: Learner, resume=None, force_resume: bool=False) -> Learne
     if getattr(learn, 'nonfinite', None): raise NonFiniteLossError(learn.nonfinite)
     return learn
 
-# %% ../nbs/11_segmentation.ipynb #a18d891a
+# %% ../nbs/11_segmentation.ipynb #202c97fb
 def create_segmentor(recipe: SegRecipe, num_classes: int) -> UperNet:
     "The recipe's segmentation ConvViT backbone (`convvit_seg`) with UperNet + auxiliary FCN heads"
     backbone = convvit_seg(recipe.arch, img_size=recipe.crop, drop_path_rate=recipe.drop_path)
     return UperNet(backbone, num_classes, channels=recipe.channels, aux_channels=recipe.aux_channels,
                    dropout=recipe.dropout, test_cfg=recipe.test_cfg)
 
-# %% ../nbs/11_segmentation.ipynb #9576924a
+# %% ../nbs/11_segmentation.ipynb #0c59089b
 def _recipe(preset: str, **overrides) -> SegRecipe:
     if preset not in SEG_PRESETS: raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(SEG_PRESETS)}")
     known = {f.name for f in fields(SegRecipe)}
@@ -667,7 +667,7 @@ def load_segmenter(path, device='cpu', **test_cfg) -> tuple[UperNet, dict]:
     model.test_cfg.update({k: v for k, v in test_cfg.items() if v is not None})
     return model.to(device).eval(), ck
 
-# %% ../nbs/11_segmentation.ipynb #db6c7bf2
+# %% ../nbs/11_segmentation.ipynb #880dd8d0
 def segment(data, preset: str='cpu', checkpoint=None, output=None, resume=None, force_resume: bool=False, seed: int=0, device=None,
             num_workers: int|None=None, n_valid: int|None=None, num_classes: int|None=None, trusted: bool=False,
             verbose: bool=True, fit: bool=True, cbs=None, **overrides) -> Learner:
@@ -696,7 +696,7 @@ def segment(data, preset: str='cpu', checkpoint=None, output=None, resume=None, 
     if output is not None and rank == 0: save_segmenter(learn, Path(output)/'segmenter.pth', classes)
     return learn
 
-# %% ../nbs/11_segmentation.ipynb #c9086c1c
+# %% ../nbs/11_segmentation.ipynb #bc75f513
 @torch.no_grad()
 def evaluate_segmenter(model: UperNet, data, split: str='validation', scale=(2048, 512), mode: str|None=None, crop=None,
                        stride=None, flip: bool|None=None, n_valid: int|None=None, precision: str='fp32', device=None,
@@ -747,7 +747,7 @@ def show_predictions(images: list, columns: dict, num_classes: int, classes=None
     fig.tight_layout(rect=(0, 0.5 / (len(images) * size + 0.6) + 0.03, 1, 1), pad=0.3)
     return fig
 
-# %% ../nbs/11_segmentation.ipynb #5af441ad
+# %% ../nbs/11_segmentation.ipynb #a8405125
 def _ints(s, name: str, n: int=2):
     if s is None or isinstance(s, (tuple, list)): return s
     try: v = tuple(int(o) for o in str(s).split(','))
@@ -814,7 +814,7 @@ def _predict(data, checkpoint, output, mode, window, stride, flip, precision, de
         fig.savefig(out/f'{f.stem}.png', dpi=80); plt.close(fig)
     print(f"{len(files)} overlay figure(s) in {out}")
 
-# %% ../nbs/11_segmentation.ipynb #7def9a0f
+# %% ../nbs/11_segmentation.ipynb #e1bb80b6
 @call_parse
 def main(command: str, # train, evaluate or predict
          data: str, # train / evaluate: dataset root in the ADE20K layout; predict: an image file or a folder of images

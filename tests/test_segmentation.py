@@ -304,6 +304,13 @@ def test_num_classes_without_class_names(tmp_path):
     assert learn.classes == ['class 0', 'class 1', 'class 2'] and learn.model.num_classes == 3
 
 
+def test_accumulation_counts_optimiser_steps(tmp_path):
+    from fastai.callback.training import GradientAccumulation
+    learn = _train(make_ade(tmp_path/'d'), None, fit=False, accum=3)
+    assert len(learn.dls.train) == TINY['eval_interval'] * 3  # batches per evaluation interval = steps x accumulation
+    assert any(isinstance(cb, GradientAccumulation) and cb.n_acc == 2 * 3 for cb in learn.cbs)
+
+
 def _cli(*args, cwd=None):
     return subprocess.run([str(BIN/'fastconvmae_segment'), *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=300,
                           env={**os.environ, 'OMP_NUM_THREADS': '1'})
