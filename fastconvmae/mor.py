@@ -4,6 +4,7 @@
 
 # %% ../nbs/06_mor.ipynb #d99ac6f3
 from __future__ import annotations
+import fastconvmae  # first: its import quiets a FutureWarning fastai triggers in torch.jit
 import math, os, random, warnings
 from dataclasses import dataclass, asdict, replace, fields
 from functools import partial

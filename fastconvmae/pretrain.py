@@ -4,6 +4,7 @@
 
 # %% ../nbs/05_pretrain.ipynb #750b19bf
 from __future__ import annotations
+import fastconvmae  # first: its import quiets a FutureWarning fastai triggers in torch.jit
 import contextlib, math, os, random, re, shutil, signal, sys, time, warnings
 from dataclasses import dataclass, asdict, replace, fields
 from functools import partial
