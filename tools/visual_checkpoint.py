@@ -73,20 +73,22 @@ def grid_figure(frames: torch.Tensor, epochs: list[int], losses: list[float], th
     import matplotlib.pyplot as plt
     import torch.nn.functional as F
     E, _, n, C, H, W = frames.shape
+    G = 12  # pixels between images
     rows = []
     for e in epochs:
         f = F.interpolate(frames[e].flatten(0, 1).float(), size=(thumb, thumb), mode='area')  # [3 n, C, t, t]
         f = f.view(3, n, C, thumb, thumb).permute(1, 0, 2, 3, 4).flatten(0, 1)                 # image-major
         pad = torch.full((3 * n, C, thumb + 4, thumb + 4), 255.); pad[:, :, 2:-2, 2:-2] = f
-        for i in range(1, n): pad[3 * i, :, :, :2] = 255  # (white margins already separate images)
-        rows.append(torch.cat(list(pad), dim=2))          # [C, t+4, 3n (t+4)]
+        gap = torch.full((C, thumb + 4, G), 255.)
+        cols = [t for i in range(n) for t in [*pad[3 * i:3 * i + 3]] + ([gap] if i < n - 1 else [])]
+        rows.append(torch.cat(cols, dim=2))               # [C, t+4, 3n (t+4) + (n-1) G]: a gap between images
     mosaic = torch.cat(rows, dim=1).permute(1, 2, 0).byte().numpy()
     dpi = 100
     hpx, wpx = mosaic.shape[:2]
     fig = plt.figure(figsize=((wpx + 110) / dpi, (hpx + 40) / dpi), dpi=dpi)
     ax = fig.add_axes([100 / (wpx + 110), 0, wpx / (wpx + 110), hpx / (hpx + 40)])
     ax.imshow(mosaic, interpolation='nearest')
-    ax.set_xticks([(3 * i + j + .5) * (thumb + 4) for i in range(n) for j in range(3)],
+    ax.set_xticks([(3 * i + j + .5) * (thumb + 4) + i * G for i in range(n) for j in range(3)],
                   ['masked', 'reconstr.', 'original'] * n, fontsize=8)
     ax.xaxis.tick_top()
     ax.set_yticks([(r + .5) * (thumb + 4) for r in range(len(epochs))],
