@@ -30,9 +30,9 @@ from .data import pretrain_dls
 
 # %% auto #0
 __all__ = ['TEACHERS', 'TARGETS', 'MOR_PRESETS', 'normalize_tokens', 'EMATeacher', 'ema_momentum', 'TimmTeacher', 'timm_teacher',
-           'DecoderBranch', 'MoROutput', 'masked_mse', 'default_split', 'MaskedAutoencoderConvViTMoR', 'branch_params',
-           'shared_params', 'EMAUpdate', 'TargetLoss', 'TargetLosses', 'MoRRecipe', 'build_teachers', 'mor_model',
-           'mor_learner']
+           'DecoderBranch', 'MoROutput', 'masked_mse', 'default_split', 'MaskedAutoencoderConvViTMoR', 'EMAUpdate',
+           'TargetLoss', 'TargetLosses', 'MoRRecipe', 'build_teachers', 'mor_model', 'mor_learner', 'branch_params',
+           'shared_params']
 
 # %% ../nbs/06_mor.ipynb #1a71bda8
 def normalize_tokens(t: Tensor, eps: float=1e-6) -> Tensor:
@@ -269,20 +269,6 @@ class MaskedAutoencoderConvViTMoR(MaskedAutoencoderConvViT):
 
     def extra_repr(self): return f"targets={self.targets}, weights={self.loss_weights}, shared_depth={self.shared_depth}, branch_depth={self.branch_depth}"
 
-# %% ../nbs/06_mor.ipynb #8f08ecf6
-def branch_params(model: MaskedAutoencoderConvViTMoR, t: str) -> list[tuple[str, Tensor]]:
-    "The (name, parameter) pairs private to target `t`'s branch."
-    S = model.shared_depth
-    if t == 'pixel':
-        return [(n, p) for n, p in model.named_parameters() if n.startswith(('decoder_norm', 'decoder_pred')) or
-                (n.startswith('decoder_blocks.') and int(n.split('.')[1]) >= S)]
-    return [(f'decoder_branches.{t}.{n}', p) for n, p in model.decoder_branches[t].named_parameters()]
-
-def shared_params(model: MaskedAutoencoderConvViTMoR) -> list[tuple[str, Tensor]]:
-    "The (name, parameter) pairs shared by all targets: encoder, `decoder_embed`, `mask_token`, the first S decoder blocks."
-    private = {id(p) for t in model.targets for _, p in branch_params(model, t)}
-    return [(n, p) for n, p in model.named_parameters() if p.requires_grad and id(p) not in private]
-
 # %% ../nbs/06_mor.ipynb #9e886597
 class EMAUpdate(Callback):
     "After each optimizer step: `teacher = m teacher + (1 - m) student`, m from `ema_momentum(learn.pct_train, start, end)`."
@@ -372,3 +358,17 @@ def mor_learner(dls, recipe: MoRRecipe, model: MaskedAutoencoderConvViTMoR|None=
     if 'ema' in unwrap(model).targets: cbs.append(EMAUpdate(recipe.ema_start, recipe.ema_end))
     kwargs.setdefault('figures', 'pixel' in unwrap(model).targets)
     return pretrain_learner(dls, recipe, model=model, cbs=cbs, **kwargs)
+
+# %% ../nbs/06_mor.ipynb #8f08ecf6
+def branch_params(model: MaskedAutoencoderConvViTMoR, t: str) -> list[tuple[str, Tensor]]:
+    "The (name, parameter) pairs private to target `t`'s branch."
+    S = model.shared_depth
+    if t == 'pixel':
+        return [(n, p) for n, p in model.named_parameters() if n.startswith(('decoder_norm', 'decoder_pred')) or
+                (n.startswith('decoder_blocks.') and int(n.split('.')[1]) >= S)]
+    return [(f'decoder_branches.{t}.{n}', p) for n, p in model.decoder_branches[t].named_parameters()]
+
+def shared_params(model: MaskedAutoencoderConvViTMoR) -> list[tuple[str, Tensor]]:
+    "The (name, parameter) pairs shared by all targets: encoder, `decoder_embed`, `mask_token`, the first S decoder blocks."
+    private = {id(p) for t in model.targets for _, p in branch_params(model, t)}
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad and id(p) not in private]
