@@ -511,7 +511,7 @@ def detection_learner(dls: DataLoaders, recipe: DetectionRecipe|None=None, model
     if r.precision != 'fp32': learn.model.to(memory_format=torch.channels_last)  # bf16/fp16 convolutions are much faster channels-last
     learn.recipe, learn.eff_bs = r, dls.train.bs * r.accum * world
     if world > 1:
-        learn.add_cb(ShardedTrainer(sync_bn=True, cpu=not torch.cuda.is_available()))
+        learn.add_cb(ShardedTrainer(sync_bn=torch.cuda.is_available(), cpu=not torch.cuda.is_available()))  # SyncBN is GPU-only
         if rank_distrib(): learn.remove_cb(ProgressCallback)
     return learn
 
