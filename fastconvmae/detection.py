@@ -34,6 +34,7 @@ from torchvision.models.detection.rpn import RPNHead
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads
 from .backbone import ConvViTBackbone, convvit_det, load_backbone
+from .finetune import load_checkpoint as read_checkpoint
 from .data import load_rgb, BadImageError, BadImageWarning, PretrainDL
 from .pretrain import (AnyDeviceMixedPrecision, StopOnNonFinite, PretrainCheckpoint, RunLog, ShardedTrainer,
                                   adamw, fit_pretrain, unwrap, launch_setup, seed_rank, load_checkpoint, atomic_save,
@@ -543,8 +544,8 @@ def train_detection(data, preset: str='cpu', output='runs/detect', pretrained=No
     output = prepare_output(output, resume, overwrite)
     rank, world, device = launch_setup(seed)
     dls = coco_dls(data, r.img_size, r.bs, r.scale, train_split, valid_split, workers, seed, rank, world, device, n_train)
-    if pretrained is not None and resume is None:
-        pretrained = load_checkpoint(pretrained) if not trusted else torch.load(pretrained, map_location='cpu', weights_only=False)
+    if pretrained is not None and resume is None:  # any layout the fine-tuning chapter reads (official files carry argparse args)
+        pretrained = read_checkpoint(pretrained, trusted=trusted)
     learn = detection_learner(dls, r, pretrained=pretrained if resume is None else None, output=output)
     seed_rank(seed)
     if console: console_progress(learn)
