@@ -566,13 +566,13 @@ def pretrain(data='data', preset='cpu', targets=None, weights=None, dino_weights
              clip_model=None, shared_depth=None, branch_depth=None, ema_start=None, random_teachers=False, arch=None, epochs=None,
              warmup_epochs=None, bs=None, blr=None, img_size=None, mask_ratio=None, norm_pix_loss=None, precision=None, accum=None,
              clip=None, workers=None, n_train=None, resume=None, force_resume=False, output=None, overwrite=False, save_every=1,
-             seed=0, tensorboard=False, wandb=False, dry_run=False):
+             seed=0, tensorboard=False, wandb=False, dry_run=False, knn_every=0, knn_data=None, knn_train=None):
     "The body of `fastconvmae_pretrain` (see `main` for the options)."
     check_args(epochs=(epochs, 'pos_int'), warmup_epochs=(warmup_epochs, 'nonneg'), bs=(bs, 'pos_int'), blr=(blr, 'pos'),
                img_size=(img_size, 'img_size'), mask_ratio=(mask_ratio, 'open_unit'), accum=(accum, 'pos_int'), clip=(clip, 'pos'),
                workers=(workers, 'nonneg_int'), n_train=(n_train, 'pos_int'), save_every=(save_every, 'nonneg_int'),
                seed=(seed, 'nonneg_int'), ema_start=(ema_start, 'unit'), shared_depth=(shared_depth, 'nonneg_int'),
-               branch_depth=(branch_depth, 'pos_int'))
+               branch_depth=(branch_depth, 'pos_int'), knn_every=(knn_every, 'nonneg_int'), knn_train=(knn_train, 'pos_int'))
     r = recipe_from_args(preset, _split(targets), weights=_split(weights, float), dino_model=dino_model, clip_model=clip_model,
                          shared_depth=shared_depth, branch_depth=branch_depth, ema_start=ema_start, arch=arch, epochs=epochs,
                          warmup_epochs=warmup_epochs, bs=bs, blr=blr, img_size=img_size, mask_ratio=mask_ratio,
@@ -594,6 +594,9 @@ def pretrain(data='data', preset='cpu', targets=None, weights=None, dino_weights
     cbs = _extra_loggers(output, tensorboard, wandb) if rank == 0 else None
     learn = (mor_learner(dls, r, teachers=teachers, output=output, save_every=save_every, cbs=cbs) if mor else
              pretrain_learner(dls, r, output=output, save_every=save_every, cbs=cbs))
+    if knn_every:  # k-NN accuracy of the encoder as log columns (knn chapter)
+        from .knn import knn_metrics
+        learn.metrics = list(learn.metrics) + knn_metrics(knn_data or data, r.img_size, every=knn_every, n_train=knn_train)
     seed_rank(seed)
     console_progress(learn)
     if rank == 0:
@@ -640,6 +643,9 @@ def main(data: str='data', # image folder: ImageNet layout (train/<class>/*, val
          seed: int=0, # seed of the data order and initialisation (each rank then draws with seed + rank)
          tensorboard: bool=False, # also log to TensorBoard (needs tensorboard)
          wandb: bool=False, # also log to Weights & Biases (needs wandb)
+         knn_every: int=0, # every N epochs, log the weighted k-NN accuracy of the encoder (0: never)
+         knn_data: str=None, # labelled ImageNet-layout folder for k-NN (default: --data)
+         knn_train: int=None, # k-NN memory bank: an evenly spaced subset of this many training images (default: all)
          dry_run: bool=False, # print the resolved recipe and exit
          debug: bool=False, # show tracebacks instead of one-line errors
         ):

@@ -116,3 +116,18 @@ def test_ctrl_c_names_the_last_checkpoint(tmp_path):
     assert proc.returncode == 130, err[-2000:]
     assert f'interrupted; last checkpoint: {ck}' in err and 'Traceback' not in err
     load(ck)  # still a whole checkpoint
+
+def test_knn_columns_in_the_log(tmp_path):
+    "`--knn_every 1` logs the weighted k-NN accuracy of the encoder (knn chapter) on a labelled folder, every epoch."
+    import shutil
+    photos = sorted((REPO / 'data').glob('*.jpg'))
+    for split, n in (('train', 3), ('val', 2)):
+        for c, group in (('a', photos[:3]), ('b', photos[2:])):
+            d = tmp_path / 'data' / split / c; d.mkdir(parents=True)
+            for i, p in enumerate(group[:n]): shutil.copy(p, d / f'{i}_{p.name}')
+    p = run('--data', tmp_path / 'data', '--img_size', '64', '--bs', '6', '--workers', '0', '--epochs', '2',
+            '--knn_every', '1', '--output', tmp_path / 'run')
+    assert p.returncode == 0, p.stderr[-2000:]
+    rows = (tmp_path / 'run' / 'log.csv').read_text().splitlines()
+    assert rows[0].split(',')[3:5] == ['knn_top1', 'knn_top5'] and len(rows) == 3
+    assert all(0 <= float(r.split(',')[3]) <= 1 for r in rows[1:])
