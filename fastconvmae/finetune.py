@@ -44,7 +44,7 @@ __all__ = ['SAFE_GLOBALS', 'EMA_PREFIX', 'FINETUNE_PRESETS', 'SETTING_KINDS', 'B
            'ClassifierDL', 'classifier_dls', 'finetune_dls', 'MixupCallback', 'SoftTargetLoss', 'TopK',
            'UnscoredReport', 'precision_cbs', 'check_classes', 'CheckClasses', 'scaled_lr', 'adamw', 'finetune_learner',
            'plot_top_losses', 'classifier_archs', 'check_settings', 'FinetuneCheckpoint', 'finetune', 'results',
-           'save_finetuned', 'main']
+           'save_finetuned', 'one_line_warnings', 'main']
 
 # %% ../nbs/07_finetune.ipynb #219fcabe
 #: classes a checkpoint may contain besides tensors and plain containers: the official files' `args`
@@ -632,7 +632,12 @@ def save_finetuned(learn: Learner, path) -> Path:
     return atomic_save({'model': sd, 'config': cfg, 'results': results(learn)}, path)
 
 # %% ../nbs/07_finetune.ipynb #89906696
+def one_line_warnings():
+    "Print warnings as `warning: message` (no source path and line), as a command line should"
+    warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {message}\n"
+
 def _finetune_cli(data, preset, checkpoint, output_dir, resume, overwrite, reset_head, trusted, from_ema, device, seed, **ov):
+    one_line_warnings()
     learn = finetune(data, preset, checkpoint=checkpoint, output_dir=output_dir, reset_head=reset_head, trusted=trusted,
                      resume=resume, device=device, seed=seed, overwrite=overwrite, from_ema=from_ema, progress='auto', **ov)
     if rank_distrib() == 0:

@@ -25,7 +25,7 @@ from .pretrain import (ShardedTrainer, RunLog, atomic_save, unwrap, launch_setup
                                   prepare_output, run_cli)
 from .finetune import (load_checkpoint, load_pretrained, classifier_dls, finetune_eval_transform, SoftTargetLoss, TopK,
                                   CheckClasses, UnscoredReport, check_classes, check_settings, precision_cbs, scaled_lr, results,
-                                  FinetuneCheckpoint, _progress, _resume)
+                                  FinetuneCheckpoint, one_line_warnings, _progress, _resume)
 
 # %% auto #0
 __all__ = ['LINPROBE_PRESETS', 'linprobe_model', 'lars', 'linprobe_dls', 'linprobe_learner', 'linprobe', 'extract_features',
@@ -178,6 +178,7 @@ def quick_probe(data, checkpoint=None, model: str|nn.Module='convvit_tiny_patch1
 
 # %% ../nbs/08_linprobe.ipynb #7753d2bd
 def _linprobe_cli(data, checkpoint, preset, quick, output_dir, resume, overwrite, trusted, from_ema, wd, device, seed, **ov):
+    one_line_warnings()
     if quick:
         if output_dir or resume: raise UserError("--quick writes nothing: drop --output_dir / --resume (its result is the printed JSON line)")
         if preset not in LINPROBE_PRESETS: raise UserError(f"unknown preset {preset!r}; choose one of {', '.join(sorted(LINPROBE_PRESETS))}")
