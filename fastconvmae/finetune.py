@@ -44,7 +44,7 @@ __all__ = ['SAFE_GLOBALS', 'EMA_PREFIX', 'FINETUNE_PRESETS', 'SETTING_KINDS', 'B
            'ClassifierDL', 'classifier_dls', 'finetune_dls', 'MixupCallback', 'SoftTargetLoss', 'TopK',
            'UnscoredReport', 'precision_cbs', 'check_classes', 'CheckClasses', 'scaled_lr', 'adamw', 'finetune_learner',
            'plot_top_losses', 'classifier_archs', 'check_settings', 'FinetuneCheckpoint', 'finetune', 'results',
-           'save_finetuned', 'one_line_warnings', 'main']
+           'save_finetuned', 'one_line_warnings', 'print_results', 'main']
 
 # %% ../nbs/07_finetune.ipynb #219fcabe
 #: classes a checkpoint may contain besides tensors and plain containers: the official files' `args`
@@ -636,14 +636,18 @@ def one_line_warnings():
     "Print warnings as `warning: message` (no source path and line), as a command line should"
     warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {message}\n"
 
-def _finetune_cli(data, preset, checkpoint, output_dir, resume, overwrite, reset_head, trusted, from_ema, device, seed, **ov):
-    one_line_warnings()
-    learn = finetune(data, preset, checkpoint=checkpoint, output_dir=output_dir, reset_head=reset_head, trusted=trusted,
-                     resume=resume, device=device, seed=seed, overwrite=overwrite, from_ema=from_ema, progress='auto', **ov)
+def print_results(learn: Learner):
+    "Rank 0 prints the command line's last line: one JSON line with top-1, top-5, unreadable validation images, wall time"
     if rank_distrib() == 0:
         r = results(learn)
         print(json.dumps({'top1': r.get('top1'), 'top5': r.get('top5'), 'valid_unreadable': r.get('valid_unreadable', 0),
                           'wall_time_s': round(learn.wall_time, 1)}), flush=True)
+
+def _finetune_cli(data, preset, checkpoint, output_dir, resume, overwrite, reset_head, trusted, from_ema, device, seed, **ov):
+    one_line_warnings()
+    learn = finetune(data, preset, checkpoint=checkpoint, output_dir=output_dir, reset_head=reset_head, trusted=trusted,
+                     resume=resume, device=device, seed=seed, overwrite=overwrite, from_ema=from_ema, progress='auto', **ov)
+    print_results(learn)
 
 @call_parse
 def main(data: Param("dataset root with train/ and val/ class folders (ImageNet layout)", str),

@@ -25,7 +25,7 @@ from .pretrain import (ShardedTrainer, RunLog, atomic_save, unwrap, launch_setup
                                   prepare_output, run_cli)
 from .finetune import (load_checkpoint, load_pretrained, classifier_dls, finetune_eval_transform, SoftTargetLoss, TopK,
                                   CheckClasses, UnscoredReport, check_classes, check_settings, precision_cbs, scaled_lr, results,
-                                  FinetuneCheckpoint, one_line_warnings, _progress, _resume)
+                                  FinetuneCheckpoint, one_line_warnings, print_results, _progress, _resume)
 
 # %% auto #0
 __all__ = ['LINPROBE_PRESETS', 'linprobe_model', 'lars', 'linprobe_dls', 'linprobe_learner', 'linprobe', 'extract_features',
@@ -189,10 +189,7 @@ def _linprobe_cli(data, checkpoint, preset, quick, output_dir, resume, overwrite
                            wd, c['precision'], trusted, device or ('cuda' if torch.cuda.is_available() else 'cpu'), from_ema=from_ema)
     learn = linprobe(data, preset, checkpoint=checkpoint, output_dir=output_dir, trusted=trusted, device=device, seed=seed,
                      resume=resume, overwrite=overwrite, from_ema=from_ema, progress='auto', **ov)
-    if rank_distrib() == 0:
-        r = results(learn)
-        print(json.dumps({'top1': r.get('top1'), 'top5': r.get('top5'), 'valid_unreadable': r.get('valid_unreadable', 0),
-                          'wall_time_s': round(learn.wall_time, 1)}), flush=True)
+    print_results(learn)
 
 @call_parse
 def main(data: Param("dataset root with train/ and val/ class folders (ImageNet layout)", str),

@@ -4,6 +4,7 @@ ConvViT-T at 64 px, so that each run takes seconds. Issue 8 ("Trust"), points 1-
 import json, os, shutil, subprocess, sys
 from pathlib import Path
 import numpy as np, pytest, torch
+from _checkpoints import make_toy
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / 'data'
@@ -33,15 +34,6 @@ def one_error_line(r, *needles):
 def last_json(r) -> dict:
     assert r.returncode == 0, (r.returncode, r.stdout[-2000:], r.stderr[-3000:])
     return json.loads(r.stdout.strip().splitlines()[-1])
-
-
-def make_toy(root: Path) -> Path:
-    photos = sorted(DATA.glob('*.jpg'))
-    for split, n in [('train', 8), ('val', 4)]:
-        for i in range(n):
-            d = root / split / f'class{i % 2}'; d.mkdir(parents=True, exist_ok=True)
-            shutil.copy(photos[i % len(photos)], d / f'img{i}.jpg')
-    return root
 
 
 def files_under(p: Path) -> list:
@@ -169,24 +161,13 @@ def test_cli_symlink_loop_and_unreadable_validation_image(tmp_path):
 @pytest.fixture(scope='module')
 def tiny_checkpoints(tmp_path_factory):
     "A real MoR pretraining checkpoint of ConvViT-T (pixel + EMA, one epoch on the bundled photos) and an EasyCV-layout one"
-    from fastconvmae.data import pretrain_dls
     from fastconvmae.models import CONVVIT_ARCHS
-    from fastconvmae.mor import MaskedAutoencoderConvViTMoR, MoRRecipe, mor_learner
-    from fastconvmae.pretrain import fit_pretrain
+    from _checkpoints import mor_checkpoint, as_easycv_pretraining
     out = tmp_path_factory.mktemp('ckpts')
-    torch.manual_seed(0)
-    m = MaskedAutoencoderConvViTMoR(targets=('pixel', 'ema'), img_size=64, decoder_embed_dim=32, decoder_depth=2,
-                                    decoder_num_heads=4, norm_pix_loss=True, **CONVVIT_ARCHS['tiny'])
-    r = MoRRecipe(targets=('pixel', 'ema'), img_size=64, bs=2, epochs=1, warmup_epochs=0, blr=1e-2, precision='fp32')
-    learn = mor_learner(pretrain_dls(DATA, img_size=64, bs=2, num_workers=0, valid=2, device='cpu'), r, model=m, output=out / 'mor',
-                        figures=False, log=False)
-    with learn.no_bar(), learn.no_logging(): fit_pretrain(learn)
-    # EasyCV's MAE: encoder. + the FastConvMAEViT (official names), decoder. + the FastConvMAENeck
-    sd = {k: v for k, v in learn.model.state_dict().items() if not k.startswith(('teachers.', 'decoder_branches.'))}
-    dec = ('decoder_embed.', 'mask_token', 'decoder_pos_embed', 'decoder_blocks.', 'decoder_norm.', 'decoder_pred.')
-    torch.save({'meta': {'epoch': 1}, 'state_dict': {('decoder.' if k.startswith(dec) else 'encoder.') + k: v for k, v in sd.items()}},
-               out / 'easycv.pth')
-    return out / 'mor' / 'checkpoint-latest.pth', out / 'easycv.pth', sd
+    mor = mor_checkpoint(out / 'mor', **CONVVIT_ARCHS['tiny'])
+    sd = {k: v for k, v in torch.load(mor, weights_only=True)['model'].items() if not k.startswith(('teachers.', 'decoder_branches.'))}
+    torch.save(as_easycv_pretraining(sd), out / 'easycv.pth')   # EasyCV's MAE: encoder. + FastConvMAEViT, decoder. + the neck
+    return mor, out / 'easycv.pth', sd
 
 
 def test_cli_mor_checkpoint_student_and_ema(tmp_path, tiny_checkpoints):

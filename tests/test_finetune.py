@@ -11,6 +11,7 @@ from fastconvmae.finetune import (load_checkpoint, load_pretrained, UnsafeCheckp
                                   posterize_any_bits, MixupCallback, SoftTargetLoss, TopK, results, FINETUNE_PRESETS)
 from fastconvmae import finetune as ft
 from fastconvmae.linprobe import linprobe_model, lars, linprobe, quick_probe, fit_linear
+from _checkpoints import make_toy, EASYCV_DECODER as _EASYCV_DECODER, as_easycv_pretraining, as_easycv_classifier, mor_checkpoint as _mor_checkpoint
 
 DATA = Path(__file__).resolve().parents[1] / 'data'
 TINY = dict(embed_dim=(16, 24, 48), depth=(1, 1, 2), num_heads=4)   # the parity fixtures' widths
@@ -21,14 +22,7 @@ class Payload:  # a pickle that would run code
 
 
 @pytest.fixture(scope='module')
-def toy(tmp_path_factory):
-    root = tmp_path_factory.mktemp('toy')
-    photos = sorted(DATA.glob('*.jpg'))
-    for split, n in [('train', 8), ('val', 4)]:
-        for i in range(n):
-            d = root / split / f'class{i % 2}'; d.mkdir(parents=True, exist_ok=True)
-            shutil.copy(photos[i % len(photos)], d / f'img{i}.jpg')
-    return root
+def toy(tmp_path_factory): return make_toy(tmp_path_factory.mktemp('toy'))
 
 
 @pytest.fixture(scope='module')
@@ -39,25 +33,6 @@ def pretrain_sd():
                                     complementary=True, **TINY).state_dict()
 
 
-# EasyCV's module names, read from alibaba/EasyCV: `easycv/models/selfsup/mae.py` (class MAE: `self.encoder` = the
-# `FastConvMAEViT` backbone of `easycv/models/backbones/conv_mae_vit.py`, whose attributes are the official names, with
-# `stage1_output_decode`/`stage2_output_decode` when `with_fuse` and `norm` without global pooling; `self.decoder` = the
-# `FastConvMAENeck` of `easycv/models/selfsup/necks.py`: decoder_embed, mask_token, decoder_pos_embed, decoder_blocks,
-# decoder_norm, decoder_pred) and `easycv/models/classification/classification.py` (class Classification: `self.backbone`,
-# heads as `head_0`, ...; `ClsHead` of `easycv/models/heads/cls_head.py` holds its linear layer as `fc_cls`). mmcv saves
-# `{'meta': ..., 'state_dict': model.state_dict(), 'optimizer': ...}`.
-_EASYCV_DECODER = ('decoder_embed.', 'mask_token', 'decoder_pos_embed', 'decoder_blocks.', 'decoder_norm.', 'decoder_pred.')
-
-def as_easycv_pretraining(sd: dict) -> dict:
-    "An official pretraining state dict as EasyCV's `MAE` checkpoint stores it"
-    return {'meta': {'epoch': 50, 'config': "model = dict(type='MAE', backbone=dict(type='FastConvMAEViT'))"},
-            'state_dict': {('decoder.' if k.startswith(_EASYCV_DECODER) else 'encoder.') + k: v for k, v in sd.items()},
-            'optimizer': {'state': {}, 'param_groups': []}}
-
-def as_easycv_classifier(sd: dict) -> dict:
-    "An official fine-tuned classifier's state dict as EasyCV's `Classification` checkpoint stores it"
-    return {'meta': {'epoch': 100}, 'state_dict': {('head_0.fc_cls.' + k[len('head.'):] if k.startswith('head.') else 'backbone.' + k): v
-                                                   for k, v in sd.items()}}
 
 
 # ---------------------------------------------------------------- safe loading
@@ -357,20 +332,7 @@ def test_convert_for_other_targets(pretrain_sd):
 
 
 @pytest.fixture(scope='module')
-def mor_checkpoint(tmp_path_factory):
-    "A real checkpoint of this package's MoR pretraining (pixel + EMA targets, tiny widths), after one epoch on the bundled photos"
-    from fastconvmae.data import pretrain_dls
-    from fastconvmae.mor import MaskedAutoencoderConvViTMoR, MoRRecipe, mor_learner
-    from fastconvmae.pretrain import fit_pretrain
-    out = tmp_path_factory.mktemp('mor')
-    torch.manual_seed(0)
-    m = MaskedAutoencoderConvViTMoR(targets=('pixel', 'ema'), img_size=64, decoder_embed_dim=32, decoder_depth=2,
-                                    decoder_num_heads=4, norm_pix_loss=True, **TINY)
-    r = MoRRecipe(targets=('pixel', 'ema'), img_size=64, bs=2, epochs=1, warmup_epochs=0, blr=1e-2, precision='fp32')
-    learn = mor_learner(pretrain_dls(DATA, img_size=64, bs=2, num_workers=0, valid=2, device='cpu'), r, model=m, output=out,
-                        figures=False, log=False)
-    with learn.no_bar(), learn.no_logging(): fit_pretrain(learn)
-    return out / 'checkpoint-latest.pth'
+def mor_checkpoint(tmp_path_factory): return _mor_checkpoint(tmp_path_factory.mktemp('mor'), **TINY)
 
 
 def test_mor_checkpoint_student_or_ema_teacher(mor_checkpoint):
