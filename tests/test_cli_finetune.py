@@ -186,3 +186,31 @@ def test_cli_easycv_pretraining_checkpoint(tmp_path, tiny_checkpoints):
     r = cli('fastconvmae_linprobe', 'data', '--quick', '--bs', '4', '--checkpoint', easy, cwd=tmp_path)
     last_json(r)
     assert '(EasyCV pretraining, ' in r.stdout and 'EasyCV decoder' in r.stdout
+
+
+# ---------------------------------------------------------------- a real kill, then --resume: the same weights as without the kill
+def test_cli_killed_then_resumed_equals_uninterrupted(tmp_path):
+    import signal, time
+    root = make_toy(tmp_path / 'data')
+    for f in sorted((root / 'train').rglob('*.jpg')):       # 32 training images: 8 steps per epoch, time to kill mid-run
+        for k in range(3): shutil.copy(f, f.with_name(f'{f.stem}_{k}.jpg'))
+    args = ['data', '--epochs', '4', '--warmup_epochs', '1', '--bs', '4', '--num_workers', '0', '--precision', 'fp32']
+    last_json(cli('fastconvmae_finetune', *args, '--output_dir', 'full', cwd=tmp_path))
+    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'CUDA_VISIBLE_DEVICES': ''}
+    p = subprocess.Popen([str(BIN / 'fastconvmae_finetune'), *args, '--output_dir', 'half'], cwd=tmp_path, env=env,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ck, t0 = tmp_path / 'half' / 'checkpoint-latest.pth', time.time()
+    while not ck.exists() and p.poll() is None and time.time() - t0 < 300: time.sleep(0.01)
+    p.send_signal(signal.SIGKILL); p.wait()
+    assert p.returncode == -signal.SIGKILL, 'the run ended before it could be killed'
+    assert not (tmp_path / 'half' / 'finetuned.pth').exists()
+    killed_at = torch.load(ck, weights_only=True)['epoch']
+    assert killed_at < 3
+    r = cli('fastconvmae_finetune', *args, '--resume', 'half/checkpoint-latest.pth', cwd=tmp_path)
+    last_json(r)
+    assert f'resuming at epoch {killed_at + 1}' in r.stdout
+    a = torch.load(tmp_path / 'full' / 'finetuned.pth', weights_only=True)['model']
+    b = torch.load(tmp_path / 'half' / 'finetuned.pth', weights_only=True)['model']
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    rows = (tmp_path / 'half' / 'history.csv').read_text().splitlines()
+    assert [l.split(',')[0] for l in rows] == ['epoch', '0', '1', '2', '3']
