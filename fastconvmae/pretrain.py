@@ -418,7 +418,7 @@ def check_args(**named) -> None:
         if isinstance(v, bool) or not ok(v): raise UserError(f"--{name} must be {what}, got {v}")
 
 #: files that mark a folder as holding a run
-RUN_FILES = re.compile(r'^(checkpoint-(latest|\d+)\.pth|log\.csv|history\.csv|finetuned\.pth)$')
+RUN_FILES = re.compile(r'^(checkpoint-(latest|\d+)\.pth|log\.csv|history\.csv|finetuned\.pth|linprobe\.pth)$')
 
 def run_files(folder) -> list[Path]:
     "The files of a previous run in `folder` (checkpoints and logs)."
