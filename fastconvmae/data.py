@@ -189,15 +189,15 @@ def denormalize(x:torch.Tensor, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT
     m, s = (torch.tensor(o, dtype=x.dtype, device=x.device).view(3, 1, 1) for o in (mean, std))
     return (x*s + m).clamp(0, 1)
 
-def show_images(x:torch.Tensor, ncols:int=8, size:float=1., titles=None, denorm:bool=True, **kwargs):
-    "Show a batch `x` [B, 3, H, W] (ImageNet-normalised unless `denorm=False`) in a grid of `ncols` columns; returns the figure"
+def show_images(x:torch.Tensor, ncols:int=8, size:float=1.6, titles=None, denorm:bool=True, **kwargs):
+    "Show a batch `x` [B, 3, H, W] (ImageNet-normalised unless `denorm=False`) in a grid of `ncols` columns, `size` inches per image; returns the figure"
     x = (denormalize(x) if denorm else x).detach().float().cpu().permute(0, 2, 3, 1).numpy()
     ncols = min(ncols, len(x)); nrows = math.ceil(len(x)/ncols)
     fig, axs = plt.subplots(nrows, ncols, figsize=(ncols*size, nrows*size), squeeze=False, **kwargs)
     for k, ax in enumerate(axs.flat):
         ax.axis('off')
         if k < len(x): ax.imshow(x[k])
-        if titles is not None and k < len(titles): ax.set_title(titles[k], fontsize=7)
+        if titles is not None and k < len(titles): ax.set_title(titles[k], fontsize=9)
     fig.tight_layout(pad=0.1)
     return fig
 
