@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from fastcore.basics import store_attr
 from fastcore.foundation import L
-from fastcore.script import call_parse, Param, bool_arg
+from fastcore.script import call_parse, Param, bool_arg, store_true
 from fastai.learner import Learner, Metric, Recorder
 from fastai.callback.core import Callback
 from fastai.callback.training import GradientAccumulation, GradientClip
@@ -671,7 +671,7 @@ def main(mode: Param("train, evaluate or predict", str),
          lr: Param("learning rate", float)=None,
          accum: Param("gradient accumulation steps", int)=None,
          precision: Param("fp32, bf16 or fp16", str)=None,
-         grad_checkpointing: Param("activation checkpointing of stage 3", bool_arg)=None,
+         grad_checkpointing: Param("activation checkpointing of stage 3", store_true)=False,
          pretrained: Param("pretraining (or fine-tuning) checkpoint for the backbone", str)=None,
          resume: Param("checkpoint-latest.pth of a run to continue", str)=None,
          output: Param("output folder", str)=None,
@@ -680,13 +680,13 @@ def main(mode: Param("train, evaluate or predict", str),
          workers: Param("data loading processes", int)=0,
          seed: Param("random seed", int)=0,
          score_thresh: Param("minimum score drawn (predict)", float)=0.5,
-         overwrite: Param("replace a previous run in --output", bool_arg)=False,
-         trusted: Param("allow full unpickling of checkpoints you trust", bool_arg)=False,
-         debug: Param("show tracebacks", bool_arg)=False):
+         overwrite: Param("replace a previous run in --output", store_true)=False,
+         trusted: Param("allow full unpickling of checkpoints you trust", store_true)=False,
+         debug: Param("show tracebacks", store_true)=False):
     "Mask R-CNN on ConvViT: train (fine-tune on a COCO-format set), evaluate (COCO box/mask AP), predict (figures)."
     run_cli(_main, mode, data=data, checkpoint=checkpoint, images=images, output=output, pretrained=pretrained, resume=resume,
             split=split, score_thresh=score_thresh, trusted=trusted, debug=debug,
             **({} if mode != 'train' else dict(preset=preset, arch=arch, img_size=img_size, window_size=window_size, epochs=epochs,
-                                               warmup_epochs=warmup_epochs, lr=lr, accum=accum, grad_checkpointing=grad_checkpointing,
+                                               warmup_epochs=warmup_epochs, lr=lr, accum=accum, grad_checkpointing=grad_checkpointing or None,
                                                n_train=n_train, workers=workers, seed=seed, overwrite=overwrite)),
             **dict(bs=bs, precision=precision))
