@@ -139,6 +139,9 @@ def test_cli_train_evaluate_predict(syn4, tmp_path):
     r = _cli('train', '--data', syn, '--arch', 'tiny', '--img_size', 64, '--window_size', 2, '--epochs', 1,
              '--output', tmp_path / 'run', cwd=tmp_path)                      # refuses to overwrite a run
     assert r.returncode == 2 and r.stderr.startswith('error:') and 'Traceback' not in r.stderr
+    r = _cli('train', '--data', syn, '--arch', 'tiny', '--img_size', 64, '--window_size', 2, '--epochs', 1,
+             '--output', tmp_path / 'run', '--overwrite', '--n_train', 2, cwd=tmp_path)  # unless asked to
+    assert r.returncode == 0, r.stderr[-2000:]
 
 @pytest.mark.parametrize('args,msg', [
     (['train', '--data', 'nowhere'], 'dataset folder not found'),
