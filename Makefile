@@ -7,7 +7,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 OUT ?= outputs/demo
 
-.PHONY: demo test install export clean bench
+.PHONY: demo test install export clean bench reproduce
 
 $(BIN)/.installed: settings.ini setup.py constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,10 @@ export: $(BIN)/.installed
 
 bench: $(BIN)/.installed
 	$(BIN)/python benchmarks/pretrain_step.py --arch fastconvmae_convvit_base_patch16 --bs 4
+
+# every run of the results chapter (nbs/12_results.ipynb), one at a time; finished steps are skipped
+reproduce: $(BIN)/.installed
+	$(BIN)/python tools/reproduce.py all
 
 clean:
 	rm -rf $(VENV) _proc _docs outputs
