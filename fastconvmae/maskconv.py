@@ -4,6 +4,7 @@
 
 # %% ../nbs/01_maskconv.ipynb #bb97d810
 from __future__ import annotations
+import os, logging, warnings
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -11,7 +12,8 @@ from torch import Tensor
 from timm.layers import DropPath
 
 # %% auto #0
-__all__ = ['Conv1x1', 'conv_nhwc', 'masked_dwconv', 'depthwise_nhwc', 'CMlp', 'CBlock']
+__all__ = ['Conv1x1', 'conv_nhwc', 'masked_dwconv', 'depthwise_nhwc', 'view_ids', 'kernel_fits', 'view_dwconv', 'dw_kernel',
+           'CMlp', 'CBlock']
 
 # %% ../nbs/01_maskconv.ipynb #d3ba0122
 class Conv1x1(nn.Conv2d):
@@ -31,6 +33,8 @@ def masked_dwconv(conv: nn.Conv2d, # a depthwise 5x5 Conv2d (groups = channels)
                   vis: Tensor|None=None, # [K, B, H, W, 1] visibility of each view (1 = visible), or None
                  ) -> Tensor: # [B, H, W, C]
     "Depthwise conv in which each position only sees pixels of its own view; all K views in one call (K > 1 views must tile the map)."
+    if vis is not None and x.device.type == 'cpu' and kernel_fits(conv) and dw_kernel() is not None:
+        return view_dwconv(conv, x, view_ids(vis))          # the one-pass CPU kernel (next section): same numbers
     with _fp32_on_cpu(x) as x:
         if vis is None: return depthwise_nhwc(conv, x)
         K = vis.shape[0]
@@ -71,6 +75,64 @@ def depthwise_nhwc(conv: nn.Conv2d, x: Tensor) -> Tensor:
     if x.device.type != 'cpu' or conv.bias is None or conv.stride != (1, 1): return conv_nhwc(conv, x)
     return _DepthwiseConvFn.apply(x.permute(0, 3, 1, 2), conv.weight, conv.bias, conv.padding[0]).permute(0, 2, 3, 1)
 
+# %% ../nbs/01_maskconv.ipynb #eb14a224
+def view_ids(vis: Tensor) -> Tensor:
+    "[K, B, H, W, 1] visibility -> [B, H, W] int8 view id of each position (-1: seen by no view; one view: 0 visible, -1 hidden)."
+    K = vis.shape[0]
+    ids = torch.arange(1, K + 1, dtype=vis.dtype, device=vis.device).view(K, 1, 1, 1)
+    return ((vis[..., 0] * ids).sum(0) - 1).to(torch.int8).contiguous()
+
+def kernel_fits(conv: nn.Conv2d) -> bool:
+    "Whether `conv` is a depthwise, stride-1, 'same'-padded convolution with an odd kernel (what the kernel computes)."
+    k = conv.kernel_size[0]
+    return (conv.groups == conv.in_channels == conv.out_channels and conv.kernel_size == (k, k) and k % 2 == 1
+            and conv.stride == (1, 1) and conv.dilation == (1, 1) and conv.padding == (k // 2, k // 2))
+
+# %% ../nbs/01_maskconv.ipynb #604dfc91
+class _ViewDWConvFn(torch.autograd.Function):
+    "The view-aware depthwise convolution of the compiled kernel and its three gradients."
+    @staticmethod
+    def forward(ctx, x, views, weight, bias):
+        k, C = weight.shape[-1], weight.shape[0]
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        w = weight.detach().reshape(C, k * k).t().contiguous().to(acc)      # [k*k, C]: one row of channel weights per tap
+        b = bias.detach().to(acc) if bias is not None else w.new_empty(0)
+        ctx.save_for_backward(x, views, w)
+        ctx.k, ctx.wshape, ctx.wdtype, ctx.has_bias = k, weight.shape, weight.dtype, bias is not None
+        return dw_kernel().masked_dw_forward(x, views, w, b, k, False)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, views, w = ctx.saved_tensors
+        g, ext = g.to(x.dtype).contiguous(), dw_kernel()
+        gx = ext.masked_dw_forward(g, views, w, w.new_empty(0), ctx.k, True) if ctx.needs_input_grad[0] else None
+        gw, gb = ext.masked_dw_wgrad(g, x, views, ctx.k)                    # [k*k, C], [C]
+        return gx, None, gw.t().reshape(ctx.wshape).to(ctx.wdtype), gb.to(ctx.wdtype) if ctx.has_bias else None
+
+def view_dwconv(conv: nn.Conv2d, x: Tensor, views: Tensor) -> Tensor:
+    "`conv` on channels-last `x` [B, H, W, C] where each position sees only positions of its own view (`views` [B, H, W] int8)."
+    return _ViewDWConvFn.apply(x.contiguous(), views, conv.weight, conv.bias)
+
+# %% ../nbs/01_maskconv.ipynb #94f739a4
+_KERNEL = None  # the compiled extension once built, False if it cannot be
+
+def dw_kernel():
+    "The compiled view-aware depthwise kernel (built on first use, cached by torch), or None (no compiler, or FASTCONVMAE_NO_KERNEL=1)."
+    global _KERNEL
+    if _KERNEL is None:
+        _KERNEL = False
+        if os.environ.get('FASTCONVMAE_NO_KERNEL', '0') in ('', '0'):
+            log = logging.getLogger('torch.utils.cpp_extension')
+            level = log.level; log.setLevel(logging.ERROR)  # its notes (no CUDA, build folder) are not the user's business
+            try:
+                from torch.utils.cpp_extension import load_inline
+                _KERNEL = load_inline('fastconvmae_dwconv', [_DW_SRC], extra_cflags=['-O3', '-march=native', '-fopenmp'])
+            except Exception as e:
+                warnings.warn(f"the view-aware depthwise kernel could not be built ({type(e).__name__}: {str(e)[:200]}); "
+                              f"using the batched PyTorch version (same numbers, slower)")
+            finally: log.setLevel(level)
+    return _KERNEL or None
+
 # %% ../nbs/01_maskconv.ipynb #162defb9
 class CMlp(nn.Module):
     "The conv block's MLP: 1x1 conv `fc1`, activation, 1x1 conv `fc2` (channels-last)."
@@ -96,3 +158,125 @@ class CBlock(nn.Module):
         "x: [B, H, W, C]; vis: [K, B, H, W, 1] visibility per view, or None (no masking)."
         x = x + self.drop_path(self.conv2(masked_dwconv(self.attn, self.conv1(self.norm1(x)), vis)))
         return x + self.drop_path(self.mlp(self.norm2(x)))
+
+# %% ../nbs/01_maskconv.ipynb #8f1c28dc
+_DW_SRC = r'''
+#include <ATen/Parallel.h>
+#include <ATen/OpMathType.h>
+#include <vector>
+
+// Depthwise k x k convolution (stride 1, padding k/2) on channels-last [B, H, W, C] maps in which a position only
+// sees positions of its own view: views[b, h, w] is the view id (>= 0) or -1 for "hidden in every view" (output 0).
+// Accumulates in fp32 whatever the input type; `flip` convolves with the kernel rotated by 180 degrees (input gradient).
+template <typename T, typename A>
+static void masked_dw_rows(const T* x, const int8_t* v, const A* w, const A* bias, T* y,
+                           int64_t B, int64_t H, int64_t W, int64_t C, int64_t k, bool flip) {
+  const int64_t pad = k / 2;
+  at::parallel_for(0, B * H, 1, [&](int64_t r0, int64_t r1) {
+    std::vector<A> acc(C);
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t b = r / H, h = r % H;
+      for (int64_t x0 = 0; x0 < W; ++x0) {
+        const int64_t p = r * W + x0;
+        T* out = y + p * C;
+        const int8_t id = v[p];
+        if (id < 0) { for (int64_t c = 0; c < C; ++c) out[c] = T(0); continue; }
+        for (int64_t c = 0; c < C; ++c) acc[c] = bias ? bias[c] : A(0);
+        for (int64_t i = 0; i < k; ++i) {
+          const int64_t hh = h + i - pad;
+          if (hh < 0 || hh >= H) continue;
+          for (int64_t j = 0; j < k; ++j) {
+            const int64_t ww = x0 + j - pad;
+            if (ww < 0 || ww >= W) continue;
+            const int64_t q = (b * H + hh) * W + ww;
+            if (v[q] != id) continue;
+            const A* wt = w + (flip ? (k - 1 - i) * k + (k - 1 - j) : i * k + j) * C;
+            const T* xq = x + q * C;
+            A* a = acc.data();
+            #pragma omp simd
+            for (int64_t c = 0; c < C; ++c) a[c] += wt[c] * static_cast<A>(xq[c]);
+          }
+        }
+        for (int64_t c = 0; c < C; ++c) out[c] = T(acc[c]);
+      }
+    }
+  });
+}
+
+// out = masked depthwise conv of x; w is [k*k, C] fp32, bias [C] fp32 (or empty)
+torch::Tensor masked_dw_forward(torch::Tensor x, torch::Tensor views, torch::Tensor w, torch::Tensor bias, int64_t k, bool flip) {
+  TORCH_CHECK(x.dim() == 4 && x.is_contiguous() && views.is_contiguous() && w.is_contiguous(), "masked_dw_forward: bad input");
+  const int64_t B = x.size(0), H = x.size(1), W = x.size(2), C = x.size(3);
+  auto y = torch::empty_like(x);
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "masked_dw_forward", [&] {
+    using A = at::opmath_type<scalar_t>;
+    TORCH_CHECK(w.scalar_type() == c10::CppTypeToScalarType<A>::value, "masked_dw_forward: weights must be in the accumulation type");
+    masked_dw_rows<scalar_t, A>(x.data_ptr<scalar_t>(), views.data_ptr<int8_t>(), w.data_ptr<A>(),
+                                bias.numel() ? bias.data_ptr<A>() : nullptr, y.data_ptr<scalar_t>(), B, H, W, C, k, flip);
+  });
+  return y;
+}
+
+// weight and bias gradients: gw[t, c] = sum_{b, p} g[b, p, c] x[b, p + t, c] over pairs of the same view; gb[c] = sum g
+template <typename T, typename A>
+static void masked_dw_wgrad_rows(const T* g, const T* x, const int8_t* v, A* gw, A* gb,
+                                 int64_t B, int64_t H, int64_t W, int64_t C, int64_t k) {
+  const int64_t pad = k / 2, kk = k * k;
+  const int nt = at::get_num_threads();
+  std::vector<A> part(static_cast<size_t>(nt) * (kk + 1) * C, A(0));
+  at::parallel_for(0, B * H, 1, [&](int64_t r0, int64_t r1) {
+    A* mine = part.data() + static_cast<size_t>(at::get_thread_num()) * (kk + 1) * C;
+    std::vector<A> gf(C);
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t b = r / H, h = r % H;
+      for (int64_t x0 = 0; x0 < W; ++x0) {
+        const int64_t p = r * W + x0;
+        const int8_t id = v[p];
+        if (id < 0) continue;
+        const T* gp = g + p * C;
+        A* gbm = mine + kk * C;
+        for (int64_t c = 0; c < C; ++c) { gf[c] = static_cast<A>(gp[c]); gbm[c] += gf[c]; }
+        for (int64_t i = 0; i < k; ++i) {
+          const int64_t hh = h + i - pad;
+          if (hh < 0 || hh >= H) continue;
+          for (int64_t j = 0; j < k; ++j) {
+            const int64_t ww = x0 + j - pad;
+            if (ww < 0 || ww >= W) continue;
+            const int64_t q = (b * H + hh) * W + ww;
+            if (v[q] != id) continue;
+            const T* xq = x + q * C;
+            A* acc = mine + (i * k + j) * C;
+            const A* gq = gf.data();
+            #pragma omp simd
+            for (int64_t c = 0; c < C; ++c) acc[c] += gq[c] * static_cast<A>(xq[c]);
+          }
+        }
+      }
+    }
+  });
+  for (int t = 0; t < nt; ++t) {
+    const A* src = part.data() + static_cast<size_t>(t) * (kk + 1) * C;
+    for (int64_t i = 0; i < kk * C; ++i) gw[i] += src[i];
+    for (int64_t c = 0; c < C; ++c) gb[c] += src[kk * C + c];
+  }
+}
+
+std::vector<torch::Tensor> masked_dw_wgrad(torch::Tensor g, torch::Tensor x, torch::Tensor views, int64_t k) {
+  TORCH_CHECK(g.is_contiguous() && x.is_contiguous() && views.is_contiguous() && g.sizes() == x.sizes(), "masked_dw_wgrad: bad input");
+  const int64_t B = x.size(0), H = x.size(1), W = x.size(2), C = x.size(3);
+  const auto acc_type = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  auto gw = torch::zeros({k * k, C}, x.options().dtype(acc_type));
+  auto gb = torch::zeros({C}, x.options().dtype(acc_type));
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "masked_dw_wgrad", [&] {
+    using A = at::opmath_type<scalar_t>;
+    masked_dw_wgrad_rows<scalar_t, A>(g.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), views.data_ptr<int8_t>(),
+                                      gw.data_ptr<A>(), gb.data_ptr<A>(), B, H, W, C, k);
+  });
+  return {gw, gb};
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("masked_dw_forward", &masked_dw_forward);
+  m.def("masked_dw_wgrad", &masked_dw_wgrad);
+}
+'''
