@@ -56,8 +56,12 @@ def matmul_peak(dtype, device, n=2048, reps=10):
 
 def official_model(path, cfg, complementary=True):
     "The official `MaskedAutoencoderViT` of a checkout of Alpha-VL/FastConvMAE (or ConvMAE) built with `cfg`."
+    import contextlib, io, numpy as np
+    if not hasattr(np, 'float'): np.float = float  # the official pos_embed.py predates NumPy 1.24 (np.float removed)
     sys.path.insert(0, str(path))
-    mod = importlib.import_module('models_fastconvmae' if complementary else 'models_convmae')
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):  # its imports print and warn (timm registry)
+        warnings.simplefilter('ignore')
+        mod = importlib.import_module('models_fastconvmae' if complementary else 'models_convmae')
     if cfg['img_size'] != 224: raise SystemExit('error: the official code runs at 224 px only (its masks are hard-coded 14 x 14)')
     kw = {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items() if k != 'img_size'}
     return mod.MaskedAutoencoderViT(img_size=[224, 56, 28], patch_size=[4, 2, 2], mlp_ratio=[4, 4, 4],
@@ -72,9 +76,9 @@ def package_at(rev: str):
     name = f'fastconvmae_{rev}'
     spec = importlib.util.spec_from_file_location(name, d / 'fastconvmae' / '__init__.py',
                                                   submodule_search_locations=[str(d / 'fastconvmae')])
-    mod = importlib.util.module_from_spec(spec); sys.modules[name] = mod; spec.loader.exec_module(mod)
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')  # timm: the revision registers the same model names again
+        mod = importlib.util.module_from_spec(spec); sys.modules[name] = mod; spec.loader.exec_module(mod)
         return importlib.import_module(f'{name}.models')
 
 

@@ -133,32 +133,6 @@ def dw_kernel():
             finally: log.setLevel(level)
     return _KERNEL or None
 
-# %% ../nbs/01_maskconv.ipynb #162defb9
-class CMlp(nn.Module):
-    "The conv block's MLP: 1x1 conv `fc1`, activation, 1x1 conv `fc2` (channels-last)."
-    def __init__(self, dim: int, hidden: int, act_layer=nn.GELU, drop: float=0.):
-        super().__init__()
-        self.fc1, self.act, self.fc2 = Conv1x1(dim, hidden), act_layer(), Conv1x1(hidden, dim)
-        self.drop = nn.Dropout(drop) if drop > 0 else nn.Identity()
-    def forward(self, x): return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
-
-class CBlock(nn.Module):
-    "ConvMAE's convolutional block on channels-last [B, H, W, C] maps, with an optional multi-view mask."
-    def __init__(self, dim: int, mlp_ratio: float=4., drop: float=0., drop_path: float=0., act_layer=nn.GELU):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(dim)  # official: eps 1e-5 whatever the model's norm_layer
-        self.conv1 = Conv1x1(dim, dim)
-        self.conv2 = Conv1x1(dim, dim)
-        self.attn = nn.Conv2d(dim, dim, 5, padding=2, groups=dim)  # the token mixer (official name)
-        self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
-        self.norm2 = nn.LayerNorm(dim)
-        self.mlp = CMlp(dim, int(dim * mlp_ratio), act_layer, drop)
-
-    def forward(self, x: Tensor, vis: Tensor|None=None) -> Tensor:
-        "x: [B, H, W, C]; vis: [K, B, H, W, 1] visibility per view, or None (no masking)."
-        x = x + self.drop_path(self.conv2(masked_dwconv(self.attn, self.conv1(self.norm1(x)), vis)))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
-
 # %% ../nbs/01_maskconv.ipynb #8f1c28dc
 _DW_SRC = r'''
 #include <ATen/Parallel.h>
@@ -280,3 +254,29 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("masked_dw_wgrad", &masked_dw_wgrad);
 }
 '''
+
+# %% ../nbs/01_maskconv.ipynb #162defb9
+class CMlp(nn.Module):
+    "The conv block's MLP: 1x1 conv `fc1`, activation, 1x1 conv `fc2` (channels-last)."
+    def __init__(self, dim: int, hidden: int, act_layer=nn.GELU, drop: float=0.):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = Conv1x1(dim, hidden), act_layer(), Conv1x1(hidden, dim)
+        self.drop = nn.Dropout(drop) if drop > 0 else nn.Identity()
+    def forward(self, x): return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+class CBlock(nn.Module):
+    "ConvMAE's convolutional block on channels-last [B, H, W, C] maps, with an optional multi-view mask."
+    def __init__(self, dim: int, mlp_ratio: float=4., drop: float=0., drop_path: float=0., act_layer=nn.GELU):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)  # official: eps 1e-5 whatever the model's norm_layer
+        self.conv1 = Conv1x1(dim, dim)
+        self.conv2 = Conv1x1(dim, dim)
+        self.attn = nn.Conv2d(dim, dim, 5, padding=2, groups=dim)  # the token mixer (official name)
+        self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = CMlp(dim, int(dim * mlp_ratio), act_layer, drop)
+
+    def forward(self, x: Tensor, vis: Tensor|None=None) -> Tensor:
+        "x: [B, H, W, C]; vis: [K, B, H, W, 1] visibility per view, or None (no masking)."
+        x = x + self.drop_path(self.conv2(masked_dwconv(self.attn, self.conv1(self.norm1(x)), vis)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))

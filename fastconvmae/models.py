@@ -120,7 +120,7 @@ def forward_decoder(self: MaskedAutoencoderConvViT, x: Tensor, m: Masking, hw: t
 # %% ../nbs/03_models.ipynb #ee67b86e
 def normalise_patches(t: Tensor, eps: float=1e-6) -> Tensor:
     "MAE's `norm_pix_loss` target: each patch (last dim) minus its mean, divided by sqrt(unbiased variance + eps)."
-    mean, var = t.mean(dim=-1, keepdim=True), t.var(dim=-1, keepdim=True)
+    var, mean = torch.var_mean(t, dim=-1, keepdim=True)  # one pass for both
     return (t - mean) / (var + eps) ** .5
 
 @patch
@@ -129,13 +129,27 @@ def target(self: MaskedAutoencoderConvViT, imgs: Tensor) -> Tensor:
     t = patchify(imgs, self.stride)
     return normalise_patches(t) if self.norm_pix_loss else t
 
+class _MaskedPatchMSE(torch.autograd.Function):
+    "`sum(w * mean_P((pred - t)^2))` in one fp32 pass each way: no fp32 copy of a bf16 `pred`, no squared temporary."
+    @staticmethod
+    def forward(ctx, pred, t, w):   # pred [K, B, L, P] (bf16 or fp32), t [B, L, P] fp32, w [K, B, L] weight of each patch
+        diff = torch.sub(pred, t)   # [K, B, L, P] fp32 (type promotion); the views share the target
+        ctx.save_for_backward(diff, w); ctx.pred_dtype = pred.dtype
+        return (torch.linalg.vector_norm(diff, dim=-1).square() * w).sum() / diff.shape[-1]
+
+    @staticmethod
+    def backward(ctx, g):
+        diff, w = ctx.saved_tensors
+        scale = (g * 2 / diff.shape[-1] * w).unsqueeze(-1)  # d loss / d pred = 2 w (pred - t) / P
+        return torch.mul(diff, scale, out=torch.empty(diff.shape, dtype=ctx.pred_dtype, device=diff.device)), None, None
+
 @patch
 def forward_loss(self: MaskedAutoencoderConvViT, imgs: Tensor, pred: Tensor, mask: Tensor) -> Tensor:
     "Mean squared error per patch, averaged over removed patches of every view. pred [K B, L, P], mask [K B, L]."
     t = self.target(imgs).float()
     K = pred.shape[0] // t.shape[0]
-    loss = (pred.float().unflatten(0, (K, -1)) - t).pow(2).mean(-1).flatten(0, 1)  # [K B, L], target shared by the views
-    return (loss * mask).sum() / mask.sum()
+    w = (mask / mask.sum()).float().unflatten(0, (K, -1))  # [K, B, L]: removed patches, each counted once
+    return _MaskedPatchMSE.apply(pred.unflatten(0, (K, -1)), t, w)
 
 # %% ../nbs/03_models.ipynb #b3e96762
 @patch
