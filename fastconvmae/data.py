@@ -12,7 +12,7 @@ from torchvision.transforms import v2, InterpolationMode
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from fastcore.basics import store_attr
-from fastai.torch_core import default_device, defaults
+from fastai.torch_core import default_device, defaults, to_device
 from fastai.data.load import DataLoader
 from fastai.data.core import DataLoaders
 from fastai.callback.core import Callback
@@ -46,10 +46,13 @@ class BadImageError(OSError):
 class BadImageWarning(UserWarning):
     "Warning issued once per unreadable image file that was skipped"
 
-def load_rgb(path) -> Image.Image:
-    "Open `path` with PIL, fully decoded, EXIF-rotated and converted to RGB; raises `BadImageError` if unreadable"
+def load_rgb(path, min_side:int|None=None) -> Image.Image:
+    "Open `path` with PIL, decoded, EXIF-rotated and converted to RGB (a large JPEG at a reduced scale whose shorter side stays >= `min_side`); raises `BadImageError` if unreadable"
     try:
         im = Image.open(path)
+        if min_side and im.format == 'JPEG' and min(im.size) > 2 * min_side:  # DCT-domain 1/2, 1/4 or 1/8 decoding
+            s = min_side / min(im.size)
+            im.draft('RGB', (math.ceil(im.size[0] * s), math.ceil(im.size[1] * s)))
         im.load()  # decode now (PIL closes single-frame files after loading)
         try:  # a broken EXIF block should not make a good image unreadable
             if im.getexif().get(0x0112, 1) != 1: im = ImageOps.exif_transpose(im)
@@ -116,12 +119,13 @@ UNREADABLE = -100
 
 class ImageFolderDataset(torch.utils.data.Dataset):
     "Images of `root` (ImageNet or flat layout) as `(tfm(img), label)`; unreadable files are replaced or marked, warned about once and counted"
-    def __init__(self, root, tfm=None, extensions=IMG_EXTENSIONS, with_label:bool=True, max_tries:int=64, unreadable:str='replace'):
+    def __init__(self, root, tfm=None, extensions=IMG_EXTENSIONS, with_label:bool=True, max_tries:int=64, unreadable:str='replace',
+                 min_side:int|None=None):
         if unreadable not in ('replace', 'mark'): raise ValueError(f"unreadable must be 'replace' or 'mark', got {unreadable!r}")
         if unreadable == 'mark' and not with_label: raise ValueError("unreadable='mark' needs with_label=True (the label marks the image)")
         self.root = Path(root).expanduser()
         self.files, self.labels, self.classes = find_images(self.root, extensions)
-        store_attr('tfm,with_label,max_tries,unreadable')
+        store_attr('tfm,with_label,max_tries,unreadable,min_side')
         self._reset_counts()
 
     def _reset_counts(self): self.skips = torch.zeros(len(self.files), dtype=torch.int32).share_memory_()
@@ -131,7 +135,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     def load(self, j:int) -> Image.Image|None:
         "RGB image of file `j`, or `None` if unreadable (warned about the first time, counted every time)"
         if self.skips[j] == 0:  # never decode a known-bad file twice
-            try: return load_rgb(self.files[j])
+            try: return load_rgb(self.files[j], self.min_side)
             except BadImageError as e: warnings.warn(f"skipping unreadable image: {e}", BadImageWarning)
         self.skips[j] += 1
 
@@ -221,6 +225,14 @@ class PretrainDL(DataLoader):
             idxs = [i for c in chunks for i in c[self.rank*len(c)//W:(self.rank + 1)*len(c)//W]]
         return idxs
     def after_iter(self): self.epoch += 1
+    def __iter__(self):
+        "fastai's iteration, but batches reach an accelerator by asynchronous copies from pinned memory (`non_blocking`)"
+        dev = self.device
+        if dev is None or torch.device(dev).type == 'cpu': yield from super().__iter__(); return
+        self.device = None  # fastai would copy synchronously
+        try:
+            for b in super().__iter__(): yield to_device(b, dev, non_blocking=True)
+        finally: self.device = dev
     def new(self, dataset=None, cls=None, **kwargs):
         return super().new(dataset, cls, **{'seed': self.seed, 'rank': self.rank, 'world_size': self.world_size, **kwargs})
 
@@ -237,13 +249,15 @@ def _readable_picks(ds:ImageFolderDataset, n:int) -> list[int]:
 
 def pretrain_dls(path, img_size=224, bs:int=64, num_workers:int|None=None, valid:int|str|Path=16, seed:int=0,
                  device=None, scale=(0.2, 1.0), extensions=IMG_EXTENSIONS, rank:int=0, world_size:int=1,
-                 drop_last:bool=True, pin_memory:bool|None=None, n_train:int|None=None) -> DataLoaders:
+                 drop_last:bool=True, pin_memory:bool|None=None, n_train:int|None=None, fast_decode:bool=False) -> DataLoaders:
     "fastai `DataLoaders` for MAE pretraining from `path` (`path/train` if present), validating on `valid` fixed images or a folder"
     path = Path(path).expanduser()
     if not path.exists(): raise FileNotFoundError(f"dataset folder not found: {path}")
     trn = path/'train' if (path/'train').is_dir() else path
     vdir = next((path/o for o in ('val', 'valid') if (path/o).is_dir()), None) if trn != path else None
-    train_ds = ImageFolderDataset(trn, pretrain_transform(img_size, scale), extensions)
+    # fast_decode: large JPEGs decoded at 1/2-1/8 scale, never below what the smallest crop needs at full resolution
+    min_side = math.ceil(max(_hw(img_size)) / math.sqrt(0.75 * scale[0])) if fast_decode else None
+    train_ds = ImageFolderDataset(trn, pretrain_transform(img_size, scale), extensions, min_side=min_side)
     if n_train and n_train < len(train_ds):  # a fixed, evenly spaced subset for quick experiments
         train_ds = train_ds.subset(np.linspace(0, len(train_ds) - 1, n_train).round().astype(int))
     if isinstance(valid, (str, Path)): valid_ds = ImageFolderDataset(valid, eval_transform(img_size), extensions)

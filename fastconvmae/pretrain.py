@@ -566,7 +566,8 @@ def pretrain(data='data', preset='cpu', targets=None, weights=None, dino_weights
              clip_model=None, shared_depth=None, branch_depth=None, ema_start=None, random_teachers=False, arch=None, epochs=None,
              warmup_epochs=None, bs=None, blr=None, img_size=None, mask_ratio=None, norm_pix_loss=None, precision=None, accum=None,
              clip=None, workers=None, n_train=None, resume=None, force_resume=False, output=None, overwrite=False, save_every=1,
-             seed=0, tensorboard=False, wandb=False, dry_run=False, knn_every=0, knn_data=None, knn_train=None):
+             seed=0, tensorboard=False, wandb=False, dry_run=False, knn_every=0, knn_data=None, knn_train=None, compile=False,
+             fast_decode=False):
     "The body of `fastconvmae_pretrain` (see `main` for the options)."
     check_args(epochs=(epochs, 'pos_int'), warmup_epochs=(warmup_epochs, 'nonneg'), bs=(bs, 'pos_int'), blr=(blr, 'pos'),
                img_size=(img_size, 'img_size'), mask_ratio=(mask_ratio, 'open_unit'), accum=(accum, 'pos_int'), clip=(clip, 'pos'),
@@ -589,7 +590,7 @@ def pretrain(data='data', preset='cpu', targets=None, weights=None, dino_weights
             warnings.warn("--random_teachers: the DINO/CLIP teachers have RANDOM weights (smoke tests and timing only)")
         teachers = build_teachers(r, dino_weights, clip_weights, random_init=random_teachers)
     dls = pretrain_dls(data, img_size=r.img_size, bs=r.bs, num_workers=workers, seed=seed, device=device,
-                       rank=rank, world_size=world, n_train=n_train)
+                       rank=rank, world_size=world, n_train=n_train, fast_decode=fast_decode)
     output = prepare_output(output or (Path(resume).parent if resume else 'runs/pretrain'), resume, overwrite)
     cbs = _extra_loggers(output, tensorboard, wandb) if rank == 0 else None
     learn = (mor_learner(dls, r, teachers=teachers, output=output, save_every=save_every, cbs=cbs) if mor else
@@ -597,6 +598,9 @@ def pretrain(data='data', preset='cpu', targets=None, weights=None, dino_weights
     if knn_every:  # k-NN accuracy of the encoder as log columns (knn chapter)
         from .knn import knn_metrics
         learn.metrics = list(learn.metrics) + knn_metrics(knn_data or data, r.img_size, every=knn_every, n_train=knn_train)
+    model = unwrap(learn.model)
+    if device.type == 'cuda': model.to(memory_format=torch.channels_last)  # cuDNN's fast layout for the convolutions
+    if compile: model.compile()  # in place: parameter names and checkpoints stay those of the eager model
     seed_rank(seed)
     console_progress(learn)
     if rank == 0:
@@ -646,6 +650,8 @@ def main(data: str='data', # image folder: ImageNet layout (train/<class>/*, val
          knn_every: int=0, # every N epochs, log the weighted k-NN accuracy of the encoder (0: never)
          knn_data: str=None, # labelled ImageNet-layout folder for k-NN (default: --data)
          knn_train: int=None, # k-NN memory bank: an evenly spaced subset of this many training images (default: all)
+         compile: bool=False, # torch.compile the model (GPU: faster steps after minutes of compiling; CPU: measured no faster)
+         fast_decode: bool=False, # decode large JPEGs at 1/2-1/8 scale, never below what the smallest crop needs (faster loading)
          dry_run: bool=False, # print the resolved recipe and exit
          debug: bool=False, # show tracebacks instead of one-line errors
         ):

@@ -131,3 +131,12 @@ def test_knn_columns_in_the_log(tmp_path):
     rows = (tmp_path / 'run' / 'log.csv').read_text().splitlines()
     assert rows[0].split(',')[3:5] == ['knn_top1', 'knn_top5'] and len(rows) == 3
     assert all(0 <= float(r.split(',')[3]) <= 1 for r in rows[1:])
+
+def test_compile_and_fast_decode_train_the_same_model(tmp_path):
+    "`--compile` (torch.compile in place) and `--fast_decode` (no effect on small photos) run, exit 0 and save eager parameter names."
+    p = run(*QUICK, '--epochs', '1', '--output', tmp_path / 'eager', '--precision', 'fp32')
+    q = run(*QUICK, '--epochs', '1', '--output', tmp_path / 'compiled', '--precision', 'fp32', '--compile', '--fast_decode', timeout=900)
+    assert p.returncode == 0 and q.returncode == 0, q.stderr[-3000:]
+    a, b = (load(tmp_path / d / 'checkpoint-latest.pth')['model'] for d in ('eager', 'compiled'))
+    assert a.keys() == b.keys()  # no `_orig_mod.` prefixes: a compiled run's checkpoint loads anywhere
+    assert max((a[k].float() - b[k].float()).abs().max().item() for k in a) < 1e-3  # same data, same start, same model
