@@ -55,10 +55,18 @@ def sincos_2d(dim: int, hw: tuple[int, int]) -> Tensor:
 
 # %% ../nbs/02_encoder.ipynb #0229f358
 class Attention(TimmAttention):
-    "timm's `Attention`, using the explicit softmax(q k^T) v path under CPU autocast (faster there) and SDPA elsewhere."
+    "timm's `Attention` (same parameters, same numbers) reading q, k, v as views of the `qkv` output; explicit softmax(q k^T) v under CPU autocast, SDPA elsewhere."
     def forward(self, x: Tensor, attn_mask: Tensor|None=None, is_causal: bool=False) -> Tensor:
-        self.fused_attn = not (x.device.type == 'cpu' and torch.is_autocast_enabled('cpu'))
-        return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
+        if self.gate is not None or not isinstance(self.q_norm, nn.Identity):  # options ConvMAE does not use
+            return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
+        B, N, _ = x.shape
+        q, k, v = (t.transpose(1, 2) for t in self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).unbind(2))  # [B, H, N, d] views
+        if x.device.type == 'cpu' and torch.is_autocast_enabled('cpu') and attn_mask is None and not is_causal:
+            x = self.attn_drop(((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)) @ v  # [B, H, N, d]
+        else:
+            x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+                                               dropout_p=self.attn_drop.p if self.training else 0.)
+        return self.proj_drop(self.proj(self.norm(x.transpose(1, 2).reshape(B, N, self.attn_dim))))
 
 # %% ../nbs/02_encoder.ipynb #7f3764dc
 class PatchEmbed(nn.Module):
