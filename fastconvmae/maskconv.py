@@ -12,8 +12,8 @@ from torch import Tensor
 from timm.layers import DropPath
 
 # %% auto #0
-__all__ = ['Conv1x1', 'conv_nhwc', 'masked_dwconv', 'depthwise_nhwc', 'view_ids', 'kernel_fits', 'view_dwconv', 'dw_kernel',
-           'CMlp', 'CBlock']
+__all__ = ['Conv1x1', 'conv_nhwc', 'masked_dwconv', 'depthwise_nhwc', 'view_ids', 'kernel_fits', 'view_dwconv', 'cpp_extension',
+           'dw_kernel', 'CMlp', 'CBlock']
 
 # %% ../nbs/01_maskconv.ipynb #d3ba0122
 class Conv1x1(nn.Conv2d):
@@ -33,8 +33,8 @@ def masked_dwconv(conv: nn.Conv2d, # a depthwise 5x5 Conv2d (groups = channels)
                   vis: Tensor|None=None, # [K, B, H, W, 1] visibility of each view (1 = visible), or None
                  ) -> Tensor: # [B, H, W, C]
     "Depthwise conv in which each position only sees pixels of its own view; all K views in one call (K > 1 views must tile the map)."
-    if vis is not None and x.device.type == 'cpu' and kernel_fits(conv) and dw_kernel() is not None:
-        return view_dwconv(conv, x, view_ids(vis))          # the one-pass CPU kernel (next section): same numbers
+    if x.device.type == 'cpu' and kernel_fits(conv) and dw_kernel() is not None:  # the one-pass CPU kernel (next section)
+        return view_dwconv(conv, x, view_ids(vis) if vis is not None else x.new_zeros(x.shape[:3], dtype=torch.int8))
     with _fp32_on_cpu(x) as x:
         if vis is None: return depthwise_nhwc(conv, x)
         K = vis.shape[0]
@@ -114,24 +114,27 @@ def view_dwconv(conv: nn.Conv2d, x: Tensor, views: Tensor) -> Tensor:
     return _ViewDWConvFn.apply(x.contiguous(), views, conv.weight, conv.bias)
 
 # %% ../nbs/01_maskconv.ipynb #94f739a4
-_KERNEL = None  # the compiled extension once built, False if it cannot be
+_BUILT = {}  # name -> the compiled extension, or None if it cannot be built
 
-def dw_kernel():
-    "The compiled view-aware depthwise kernel (built on first use, cached by torch), or None (no compiler, or FASTCONVMAE_NO_KERNEL=1)."
-    global _KERNEL
-    if _KERNEL is None:
-        _KERNEL = False
+def cpp_extension(name: str, src: str):
+    "Compile the C++ source `src` as module `name` on first use (cached on disk by torch) and load it; None without a compiler or with FASTCONVMAE_NO_KERNEL=1."
+    if name not in _BUILT:
+        _BUILT[name] = None
         if os.environ.get('FASTCONVMAE_NO_KERNEL', '0') in ('', '0'):
             log = logging.getLogger('torch.utils.cpp_extension')
             level = log.level; log.setLevel(logging.ERROR)  # its notes (no CUDA, build folder) are not the user's business
             try:
                 from torch.utils.cpp_extension import load_inline
-                _KERNEL = load_inline('fastconvmae_dwconv', [_DW_SRC], extra_cflags=['-O3', '-march=native', '-fopenmp'])
+                _BUILT[name] = load_inline(name, [src], extra_cflags=['-O3', '-march=native', '-fopenmp'])
             except Exception as e:
-                warnings.warn(f"the view-aware depthwise kernel could not be built ({type(e).__name__}: {str(e)[:200]}); "
-                              f"using the batched PyTorch version (same numbers, slower)")
+                warnings.warn(f"the C++ kernels ({name}) could not be built ({type(e).__name__}: {str(e)[:200]}); "
+                              f"using the PyTorch versions (same numbers, slower)")
             finally: log.setLevel(level)
-    return _KERNEL or None
+    return _BUILT[name]
+
+def dw_kernel():
+    "The compiled view-aware depthwise kernel, or None (no compiler, or FASTCONVMAE_NO_KERNEL=1)."
+    return cpp_extension('fastconvmae_dwconv', _DW_SRC)
 
 # %% ../nbs/01_maskconv.ipynb #8f1c28dc
 _DW_SRC = r'''

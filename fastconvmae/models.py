@@ -12,16 +12,17 @@ import torch.nn.functional as F
 from torch import Tensor
 from timm.models.vision_transformer import Block
 from .masking import patchify, unpatchify, random_masking, num_views, upsample_mask, Masking
+from .maskconv import cpp_extension
 from .encoder import (ConvViTTrunk, ConvViT, Attention, sincos_2d, to_hw, conv_nhwc, CONVVIT_ARCHS,
                                  convvit_base_patch16, convvit_small_patch16, convvit_tiny_patch16)
 
 # %% auto #0
 __all__ = ['DECODER_ARCHS', 'convmae_convvit_base_patch16_dec512d8b', 'fastconvmae_convvit_base_patch16_dec512d8b', 'MODELS',
-           'RECONSTRUCTION_SPACES', 'MaskedAutoencoderConvViT', 'normalise_patches', 'convmae_convvit_base_patch16',
-           'fastconvmae_convvit_base_patch16', 'convmae_convvit_small_patch16', 'fastconvmae_convvit_small_patch16',
-           'convmae_convvit_tiny_patch16', 'fastconvmae_convvit_tiny_patch16', 'create_model',
-           'model_from_fixture_config', 'rel_err', 'reconstruct', 'show_views', 'count_flops', 'ConvViT',
-           'convvit_base_patch16', 'convvit_small_patch16', 'convvit_tiny_patch16']
+           'RECONSTRUCTION_SPACES', 'MaskedAutoencoderConvViT', 'normalise_patches', 'mse_kernel',
+           'convmae_convvit_base_patch16', 'fastconvmae_convvit_base_patch16', 'convmae_convvit_small_patch16',
+           'fastconvmae_convvit_small_patch16', 'convmae_convvit_tiny_patch16', 'fastconvmae_convvit_tiny_patch16',
+           'create_model', 'model_from_fixture_config', 'rel_err', 'reconstruct', 'show_views', 'count_flops',
+           'ConvViT', 'convvit_base_patch16', 'convvit_small_patch16', 'convvit_tiny_patch16']
 
 # %% ../nbs/03_models.ipynb #40a8dbf4
 class MaskedAutoencoderConvViT(ConvViTTrunk):
@@ -129,16 +130,28 @@ def target(self: MaskedAutoencoderConvViT, imgs: Tensor) -> Tensor:
     t = patchify(imgs, self.stride)
     return normalise_patches(t) if self.norm_pix_loss else t
 
+def mse_kernel():
+    "The compiled masked-MSE kernel (C++ source in the appendix), or None (no compiler, or FASTCONVMAE_NO_KERNEL=1)."
+    return cpp_extension('fastconvmae_mse', _MSE_SRC)
+
 class _MaskedPatchMSE(torch.autograd.Function):
-    "`sum(w * mean_P((pred - t)^2))` in one fp32 pass each way: no fp32 copy of a bf16 `pred`, no squared temporary."
+    "`sum(w * mean_P((pred - t)^2))`, on CPU by a one-pass C++ kernel that skips the rows of weight 0 (visible patches)."
     @staticmethod
     def forward(ctx, pred, t, w):   # pred [K, B, L, P] (bf16 or fp32), t [B, L, P] fp32, w [K, B, L] weight of each patch
+        ctx.ext = mse_kernel() if pred.device.type == 'cpu' and pred.dtype in (torch.float32, torch.bfloat16) else None
+        if ctx.ext is not None:
+            pred, w = pred.contiguous(), w.contiguous()
+            ctx.save_for_backward(pred, t, w)
+            return ctx.ext.masked_mse_forward(pred, t, w)
         diff = torch.sub(pred, t)   # [K, B, L, P] fp32 (type promotion); the views share the target
         ctx.save_for_backward(diff, w); ctx.pred_dtype = pred.dtype
         return (torch.linalg.vector_norm(diff, dim=-1).square() * w).sum() / diff.shape[-1]
 
     @staticmethod
     def backward(ctx, g):
+        if ctx.ext is not None:
+            pred, t, w = ctx.saved_tensors
+            return ctx.ext.masked_mse_backward(pred, t, w, float(g)), None, None
         diff, w = ctx.saved_tensors
         scale = (g * 2 / diff.shape[-1] * w).unsqueeze(-1)  # d loss / d pred = 2 w (pred - t) / P
         return torch.mul(diff, scale, out=torch.empty(diff.shape, dtype=ctx.pred_dtype, device=diff.device)), None, None
@@ -150,6 +163,77 @@ def forward_loss(self: MaskedAutoencoderConvViT, imgs: Tensor, pred: Tensor, mas
     K = pred.shape[0] // t.shape[0]
     w = (mask / mask.sum()).float().unflatten(0, (K, -1))  # [K, B, L]: removed patches, each counted once
     return _MaskedPatchMSE.apply(pred.unflatten(0, (K, -1)), t, w)
+
+# %% ../nbs/03_models.ipynb #6adb8039
+_MSE_SRC = r'''
+#include <ATen/Parallel.h>
+#include <ATen/OpMathType.h>
+#include <vector>
+
+// The masked patch MSE of a pretraining step: loss = sum_r w[r] * mean_p (pred[r, p] - t[r mod R, p])^2 over rows r of
+// pred [K * R, P] (the K views share the target's R = B * L rows); rows with w = 0 (visible patches) are skipped.
+template <typename T>
+static double mse_rows(const T* pred, const float* t, const float* w, int64_t rows, int64_t R, int64_t P) {
+  const int nt = at::get_num_threads();
+  std::vector<double> part(nt, 0.0);
+  at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
+    double acc = 0.0;
+    for (int64_t r = r0; r < r1; ++r) {
+      if (w[r] == 0.f) continue;
+      const T* p = pred + r * P;
+      const float* q = t + (r % R) * P;
+      float s = 0.f;
+      #pragma omp simd reduction(+:s)
+      for (int64_t j = 0; j < P; ++j) { const float d = static_cast<float>(p[j]) - q[j]; s += d * d; }
+      acc += static_cast<double>(w[r]) * s;
+    }
+    part[at::get_thread_num()] += acc;
+  });
+  double total = 0.0;
+  for (double v : part) total += v;
+  return total / P;
+}
+
+torch::Tensor masked_mse_forward(torch::Tensor pred, torch::Tensor t, torch::Tensor w) {
+  TORCH_CHECK(pred.is_contiguous() && t.is_contiguous() && w.is_contiguous() && t.scalar_type() == at::kFloat &&
+              w.scalar_type() == at::kFloat && pred.size(-1) == t.size(-1), "masked_mse_forward: bad input");
+  const int64_t P = pred.size(-1), rows = pred.numel() / P, R = t.numel() / P;
+  double loss = 0.0;
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, pred.scalar_type(), "masked_mse_forward", [&] {
+    loss = mse_rows<scalar_t>(pred.data_ptr<scalar_t>(), t.data_ptr<float>(), w.data_ptr<float>(), rows, R, P);
+  });
+  return torch::tensor(loss, t.options());
+}
+
+// d loss / d pred = 2 g w[r] (pred - t) / P, in pred's dtype (zero on rows with w = 0)
+torch::Tensor masked_mse_backward(torch::Tensor pred, torch::Tensor t, torch::Tensor w, double g) {
+  const int64_t P = pred.size(-1), rows = pred.numel() / P, R = t.numel() / P;
+  auto grad = torch::empty_like(pred);
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, pred.scalar_type(), "masked_mse_backward", [&] {
+    const scalar_t* p = pred.data_ptr<scalar_t>();
+    const float* q = t.data_ptr<float>();
+    const float* wr = w.data_ptr<float>();
+    scalar_t* out = grad.data_ptr<scalar_t>();
+    at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        scalar_t* o = out + r * P;
+        const float s = static_cast<float>(2.0 * g * wr[r] / P);
+        if (s == 0.f) { for (int64_t j = 0; j < P; ++j) o[j] = scalar_t(0); continue; }
+        const scalar_t* pr = p + r * P;
+        const float* qr = q + (r % R) * P;
+        #pragma omp simd
+        for (int64_t j = 0; j < P; ++j) o[j] = scalar_t(s * (static_cast<float>(pr[j]) - qr[j]));
+      }
+    });
+  });
+  return grad;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("masked_mse_forward", &masked_mse_forward);
+  m.def("masked_mse_backward", &masked_mse_backward);
+}
+'''
 
 # %% ../nbs/03_models.ipynb #b3e96762
 @patch

@@ -5,7 +5,7 @@
 # %% ../nbs/05_pretrain.ipynb #750b19bf
 from __future__ import annotations
 import fastconvmae  # first: its import quiets a FutureWarning fastai triggers in torch.jit
-import contextlib, math, os, random, re, shutil, signal, sys, time, warnings
+import contextlib, logging, math, os, random, re, shutil, signal, sys, time, warnings
 from dataclasses import dataclass, asdict, replace, fields
 from functools import partial
 from pathlib import Path
@@ -600,7 +600,9 @@ def pretrain(data='data', preset='cpu', targets=None, weights=None, dino_weights
         learn.metrics = list(learn.metrics) + knn_metrics(knn_data or data, r.img_size, every=knn_every, n_train=knn_train)
     model = unwrap(learn.model)
     if device.type == 'cuda': model.to(memory_format=torch.channels_last)  # cuDNN's fast layout for the convolutions
-    if compile: model.compile()  # in place: parameter names and checkpoints stay those of the eager model
+    if compile:  # in place: parameter names and checkpoints stay those of the eager model
+        logging.getLogger('torch.utils.cpp_extension').setLevel(logging.ERROR)  # inductor's build notes are not the user's business
+        model.compile(dynamic=False)  # one graph per batch shape (training, the last batch, validation)
     seed_rank(seed)
     console_progress(learn)
     if rank == 0:
