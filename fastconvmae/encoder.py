@@ -78,7 +78,7 @@ class PatchEmbed(nn.Module):
         self.norm = nn.LayerNorm(embed_dim)
         self.act = nn.GELU()
     def forward(self, x: Tensor) -> Tensor:  # [B, C, H, W] -> [B, H/p, W/p, D]
-        return self.act(self.norm(self.proj(x).permute(0, 2, 3, 1)))
+        return self.act(self.norm(conv_nhwc(self.proj, x.permute(0, 2, 3, 1))))
 
 # %% ../nbs/02_encoder.ipynb #1dd8a3b6
 class ConvViTTrunk(nn.Module):

@@ -4,7 +4,7 @@
 
 # %% ../nbs/01_maskconv.ipynb #bb97d810
 from __future__ import annotations
-import os, logging, warnings
+import os, sys, logging, warnings
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -25,6 +25,12 @@ class Conv1x1(nn.Conv2d):
 # %% ../nbs/01_maskconv.ipynb #8eeb8c44
 def conv_nhwc(conv: nn.Conv2d, x: Tensor) -> Tensor:
     "Apply a `Conv2d` to channels-last [B, H, W, C] input, returning channels-last [B, H', W', C']."
+    k = conv.kernel_size
+    if (x.device.type == 'cpu' and k == conv.stride and conv.padding == (0, 0) and conv.groups == 1 and conv.dilation == (1, 1)
+            and x.shape[1] % k[0] == 0 and x.shape[2] % k[1] == 0):  # non-overlapping patches: one matmul
+        B, H, W, C = x.shape
+        p = x.reshape(B, H // k[0], k[0], W // k[1], k[1], C).transpose(2, 3).flatten(3)  # [B, H/k, W/k, k*k*C] (a copy)
+        return F.linear(p, conv.weight.permute(0, 2, 3, 1).flatten(1), conv.bias)    # weight [O, C, k, k] -> [O, k*k*C]
     return conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
 
 # %% ../nbs/01_maskconv.ipynb #d3ea0254
@@ -121,15 +127,16 @@ def cpp_extension(name: str, src: str):
     if name not in _BUILT:
         _BUILT[name] = None
         if os.environ.get('FASTCONVMAE_NO_KERNEL', '0') in ('', '0'):
-            log = logging.getLogger('torch.utils.cpp_extension')
+            log, path = logging.getLogger('torch.utils.cpp_extension'), os.environ.get('PATH', '')
             level = log.level; log.setLevel(logging.ERROR)  # its notes (no CUDA, build folder) are not the user's business
+            os.environ['PATH'] = os.path.dirname(sys.executable) + os.pathsep + path  # the `ninja` pip installed beside Python
             try:
                 from torch.utils.cpp_extension import load_inline
                 _BUILT[name] = load_inline(name, [src], extra_cflags=['-O3', '-march=native', '-fopenmp'])
             except Exception as e:
                 warnings.warn(f"the C++ kernels ({name}) could not be built ({type(e).__name__}: {str(e)[:200]}); "
                               f"using the PyTorch versions (same numbers, slower)")
-            finally: log.setLevel(level)
+            finally: log.setLevel(level); os.environ['PATH'] = path
     return _BUILT[name]
 
 def dw_kernel():

@@ -206,25 +206,27 @@ torch::Tensor masked_mse_forward(torch::Tensor pred, torch::Tensor t, torch::Ten
 }
 
 // d loss / d pred = 2 g w[r] (pred - t) / P, in pred's dtype (zero on rows with w = 0)
+template <typename T>
+static void mse_grad_rows(const T* pred, const float* t, const float* w, double g, T* out, int64_t rows, int64_t R, int64_t P) {
+  at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      T* o = out + r * P;
+      const float s = static_cast<float>(2.0 * g * w[r] / P);
+      if (s == 0.f) { for (int64_t j = 0; j < P; ++j) o[j] = T(0); continue; }
+      const T* p = pred + r * P;
+      const float* q = t + (r % R) * P;
+      #pragma omp simd
+      for (int64_t j = 0; j < P; ++j) o[j] = T(s * (static_cast<float>(p[j]) - q[j]));
+    }
+  });
+}
+
 torch::Tensor masked_mse_backward(torch::Tensor pred, torch::Tensor t, torch::Tensor w, double g) {
   const int64_t P = pred.size(-1), rows = pred.numel() / P, R = t.numel() / P;
   auto grad = torch::empty_like(pred);
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, pred.scalar_type(), "masked_mse_backward", [&] {
-    const scalar_t* p = pred.data_ptr<scalar_t>();
-    const float* q = t.data_ptr<float>();
-    const float* wr = w.data_ptr<float>();
-    scalar_t* out = grad.data_ptr<scalar_t>();
-    at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        scalar_t* o = out + r * P;
-        const float s = static_cast<float>(2.0 * g * wr[r] / P);
-        if (s == 0.f) { for (int64_t j = 0; j < P; ++j) o[j] = scalar_t(0); continue; }
-        const scalar_t* pr = p + r * P;
-        const float* qr = q + (r % R) * P;
-        #pragma omp simd
-        for (int64_t j = 0; j < P; ++j) o[j] = scalar_t(s * (static_cast<float>(pr[j]) - qr[j]));
-      }
-    });
+    mse_grad_rows<scalar_t>(pred.data_ptr<scalar_t>(), t.data_ptr<float>(), w.data_ptr<float>(), g, grad.data_ptr<scalar_t>(),
+                            rows, R, P);
   });
   return grad;
 }
