@@ -94,7 +94,8 @@ def run(step: str, cmd, keep, stdout_name):
         i = cmd.index('--output') if '--output' in cmd else cmd.index('--output_dir')
         last = Path(cmd[i + 1]) / 'checkpoint-latest.pth'
         if last.exists(): cmd += ['--resume', str(last)]
-        elif Path(cmd[i + 1]).exists(): cmd += ['--overwrite']  # an attempt that died before its first checkpoint
+        elif Path(cmd[i + 1]).is_dir() and any(Path(cmd[i + 1]).iterdir()):
+            cmd += ['--overwrite']  # an attempt that died before its first checkpoint left only logs
     t0 = time.time()
     p = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env={**os.environ, 'PYTHONWARNINGS': 'ignore'})
     sys.stdout.write(p.stdout)
