@@ -18,7 +18,7 @@ from .encoder import (ConvViTTrunk, ConvViT, Attention, sincos_2d, to_hw, conv_n
 
 # %% auto #0
 __all__ = ['DECODER_ARCHS', 'convmae_convvit_base_patch16_dec512d8b', 'fastconvmae_convvit_base_patch16_dec512d8b', 'MODELS',
-           'RECONSTRUCTION_SPACES', 'MaskedAutoencoderConvViT', 'normalise_patches', 'mse_kernel',
+           'RECONSTRUCTION_SPACES', 'MaskedAutoencoderConvViT', 'normalise_patches', 'mse_kernel', 'masked_mse',
            'convmae_convvit_base_patch16', 'fastconvmae_convvit_base_patch16', 'convmae_convvit_small_patch16',
            'fastconvmae_convvit_small_patch16', 'convmae_convvit_tiny_patch16', 'fastconvmae_convvit_tiny_patch16',
            'create_model', 'model_from_fixture_config', 'rel_err', 'reconstruct', 'show_views', 'count_flops',
@@ -156,13 +156,16 @@ class _MaskedPatchMSE(torch.autograd.Function):
         scale = (g * 2 / diff.shape[-1] * w).unsqueeze(-1)  # d loss / d pred = 2 w (pred - t) / P
         return torch.mul(diff, scale, out=torch.empty(diff.shape, dtype=ctx.pred_dtype, device=diff.device)), None, None
 
+def masked_mse(pred: Tensor, target: Tensor, mask: Tensor) -> Tensor:
+    "MSE per token averaged over the masked tokens of every view: pred [K B, L, D], target [B, L, D] shared by the K views, mask [K B, L]."
+    K = pred.shape[0] // target.shape[0]
+    w = (mask / mask.sum()).float().unflatten(0, (K, -1))  # [K, B, L]: removed patches, each counted once
+    return _MaskedPatchMSE.apply(pred.unflatten(0, (K, -1)), target.float().contiguous(), w)
+
 @patch
 def forward_loss(self: MaskedAutoencoderConvViT, imgs: Tensor, pred: Tensor, mask: Tensor) -> Tensor:
     "Mean squared error per patch, averaged over removed patches of every view. pred [K B, L, P], mask [K B, L]."
-    t = self.target(imgs).float()
-    K = pred.shape[0] // t.shape[0]
-    w = (mask / mask.sum()).float().unflatten(0, (K, -1))  # [K, B, L]: removed patches, each counted once
-    return _MaskedPatchMSE.apply(pred.unflatten(0, (K, -1)), t, w)
+    return masked_mse(pred, self.target(imgs), mask)
 
 # %% ../nbs/03_models.ipynb #6adb8039
 _MSE_SRC = r'''

@@ -24,15 +24,14 @@ import timm
 from timm.models.vision_transformer import Block
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from .encoder import ConvViTTrunk, CONVVIT_ARCHS, Attention
-from .models import MaskedAutoencoderConvViT, DECODER_ARCHS, MODELS
+from .models import MaskedAutoencoderConvViT, DECODER_ARCHS, MODELS, masked_mse  # the loss of every target
 from .pretrain import PretrainRecipe, PRESETS, pretrain_learner, fit_pretrain, unwrap
 from .data import pretrain_dls
 
 # %% auto #0
 __all__ = ['TEACHERS', 'TARGETS', 'MOR_PRESETS', 'normalize_tokens', 'EMATeacher', 'ema_momentum', 'TimmTeacher', 'timm_teacher',
-           'DecoderBranch', 'MoROutput', 'masked_mse', 'default_split', 'MaskedAutoencoderConvViTMoR', 'EMAUpdate',
-           'TargetLoss', 'TargetLosses', 'MoRRecipe', 'build_teachers', 'mor_model', 'mor_learner', 'branch_params',
-           'shared_params']
+           'DecoderBranch', 'MoROutput', 'default_split', 'MaskedAutoencoderConvViTMoR', 'EMAUpdate', 'TargetLoss',
+           'TargetLosses', 'MoRRecipe', 'build_teachers', 'mor_model', 'mor_learner', 'branch_params', 'shared_params']
 
 # %% ../nbs/06_mor.ipynb #1a71bda8
 def normalize_tokens(t: Tensor, eps: float=1e-6) -> Tensor:
@@ -160,12 +159,6 @@ class MoROutput(NamedTuple):
     preds: dict              # target -> prediction [K B, L, D_target]
     targets: dict            # target -> normalised target [B, L, D_target] (no grad)
     mask: Tensor             # [K B, L], 1 = masked
-
-def masked_mse(pred: Tensor, target: Tensor, mask: Tensor) -> Tensor:
-    "MSE per token averaged over the masked tokens of every view: pred [K B, L, D], target [B, L, D] shared by the K views, mask [K B, L]."
-    K = pred.shape[0] // target.shape[0]
-    loss = (pred.float().unflatten(0, (K, -1)) - target).pow(2).mean(-1).flatten(0, 1)  # [K B, L]
-    return (loss * mask).sum() / mask.sum()
 
 # %% ../nbs/06_mor.ipynb #3dddfb78
 def default_split(decoder_depth: int, shared_depth: int|None=None, branch_depth: int|None=None) -> tuple[int, int]:

@@ -107,8 +107,10 @@ def test_bad_checkpoints_get_one_line(tmp_path):
 
 def test_ctrl_c_names_the_last_checkpoint(tmp_path):
     out = tmp_path / 'run'
+    # SIG_DFL first: a test suite started as a background job inherits an ignored SIGINT, which Python would keep
     proc = subprocess.Popen([CMD, *QUICK, '--epochs', '200', '--output', str(out)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=ENV, cwd=REPO)
+                            stderr=subprocess.PIPE, text=True, env=ENV, cwd=REPO,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     ck, t0 = out / 'checkpoint-latest.pth', time.time()
     while not ck.exists() and time.time() - t0 < 300 and proc.poll() is None: time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
