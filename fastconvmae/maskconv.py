@@ -149,13 +149,30 @@ _DW_SRC = r'''
 #include <ATen/OpMathType.h>
 #include <vector>
 
+// Calls f(t, q) for every tap t = i * k + j of a k x k window centred on (b, h, x0) whose position q lies inside the
+// map and in the same view as the centre (padding k / 2). The one place that decides which neighbours a position sees.
+template <typename F>
+static inline void same_view_taps(const int8_t* v, int64_t b, int64_t h, int64_t x0, int64_t H, int64_t W, int64_t k, F&& f) {
+  const int64_t pad = k / 2;
+  const int8_t id = v[(b * H + h) * W + x0];
+  for (int64_t i = 0; i < k; ++i) {
+    const int64_t hh = h + i - pad;
+    if (hh < 0 || hh >= H) continue;
+    for (int64_t j = 0; j < k; ++j) {
+      const int64_t ww = x0 + j - pad;
+      if (ww < 0 || ww >= W) continue;
+      const int64_t q = (b * H + hh) * W + ww;
+      if (v[q] == id) f(i * k + j, q);
+    }
+  }
+}
+
 // Depthwise k x k convolution (stride 1, padding k/2) on channels-last [B, H, W, C] maps in which a position only
 // sees positions of its own view: views[b, h, w] is the view id (>= 0) or -1 for "hidden in every view" (output 0).
 // Accumulates in fp32 whatever the input type; `flip` convolves with the kernel rotated by 180 degrees (input gradient).
 template <typename T, typename A>
 static void masked_dw_rows(const T* x, const int8_t* v, const A* w, const A* bias, T* y,
                            int64_t B, int64_t H, int64_t W, int64_t C, int64_t k, bool flip) {
-  const int64_t pad = k / 2;
   at::parallel_for(0, B * H, 1, [&](int64_t r0, int64_t r1) {
     std::vector<A> acc(C);
     for (int64_t r = r0; r < r1; ++r) {
@@ -166,21 +183,13 @@ static void masked_dw_rows(const T* x, const int8_t* v, const A* w, const A* bia
         const int8_t id = v[p];
         if (id < 0) { for (int64_t c = 0; c < C; ++c) out[c] = T(0); continue; }
         for (int64_t c = 0; c < C; ++c) acc[c] = bias ? bias[c] : A(0);
-        for (int64_t i = 0; i < k; ++i) {
-          const int64_t hh = h + i - pad;
-          if (hh < 0 || hh >= H) continue;
-          for (int64_t j = 0; j < k; ++j) {
-            const int64_t ww = x0 + j - pad;
-            if (ww < 0 || ww >= W) continue;
-            const int64_t q = (b * H + hh) * W + ww;
-            if (v[q] != id) continue;
-            const A* wt = w + (flip ? (k - 1 - i) * k + (k - 1 - j) : i * k + j) * C;
-            const T* xq = x + q * C;
-            A* a = acc.data();
-            #pragma omp simd
-            for (int64_t c = 0; c < C; ++c) a[c] += wt[c] * static_cast<A>(xq[c]);
-          }
-        }
+        A* a = acc.data();
+        same_view_taps(v, b, h, x0, H, W, k, [&](int64_t t, int64_t q) {
+          const A* wt = w + (flip ? k * k - 1 - t : t) * C;
+          const T* xq = x + q * C;
+          #pragma omp simd
+          for (int64_t c = 0; c < C; ++c) a[c] += wt[c] * static_cast<A>(xq[c]);
+        });
         for (int64_t c = 0; c < C; ++c) out[c] = T(acc[c]);
       }
     }
@@ -205,7 +214,7 @@ torch::Tensor masked_dw_forward(torch::Tensor x, torch::Tensor views, torch::Ten
 template <typename T, typename A>
 static void masked_dw_wgrad_rows(const T* g, const T* x, const int8_t* v, A* gw, A* gb,
                                  int64_t B, int64_t H, int64_t W, int64_t C, int64_t k) {
-  const int64_t pad = k / 2, kk = k * k;
+  const int64_t kk = k * k;
   const int nt = at::get_num_threads();
   std::vector<A> part(static_cast<size_t>(nt) * (kk + 1) * C, A(0));
   at::parallel_for(0, B * H, 1, [&](int64_t r0, int64_t r1) {
@@ -220,21 +229,13 @@ static void masked_dw_wgrad_rows(const T* g, const T* x, const int8_t* v, A* gw,
         const T* gp = g + p * C;
         A* gbm = mine + kk * C;
         for (int64_t c = 0; c < C; ++c) { gf[c] = static_cast<A>(gp[c]); gbm[c] += gf[c]; }
-        for (int64_t i = 0; i < k; ++i) {
-          const int64_t hh = h + i - pad;
-          if (hh < 0 || hh >= H) continue;
-          for (int64_t j = 0; j < k; ++j) {
-            const int64_t ww = x0 + j - pad;
-            if (ww < 0 || ww >= W) continue;
-            const int64_t q = (b * H + hh) * W + ww;
-            if (v[q] != id) continue;
-            const T* xq = x + q * C;
-            A* acc = mine + (i * k + j) * C;
-            const A* gq = gf.data();
-            #pragma omp simd
-            for (int64_t c = 0; c < C; ++c) acc[c] += gq[c] * static_cast<A>(xq[c]);
-          }
-        }
+        const A* gq = gf.data();
+        same_view_taps(v, b, h, x0, H, W, k, [&](int64_t t, int64_t q) {
+          const T* xq = x + q * C;
+          A* acc = mine + t * C;
+          #pragma omp simd
+          for (int64_t c = 0; c < C; ++c) acc[c] += gq[c] * static_cast<A>(xq[c]);
+        });
       }
     }
   });
