@@ -17,7 +17,7 @@ from timm.models.vision_transformer import Block
 from timm.layers import Attention as TimmAttention
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from .masking import grid_size
-from .maskconv import CBlock, conv_nhwc
+from .maskconv import CBlock, conv_nhwc, block_norm
 
 # %% auto #0
 __all__ = ['default_cfgs', 'CONVVIT_ARCHS', 'to_hw', 'to_3', 'sincos_1d', 'sincos_2d', 'Attention', 'PatchEmbed', 'ConvViTTrunk',
@@ -109,7 +109,7 @@ class ConvViTTrunk(nn.Module):
         self.blocks2 = nn.ModuleList([CBlock(e2, mlp_ratio[1], drop_rate, dpr[depth[0] + i]) for i in range(depth[1])])
         self.blocks3 = nn.ModuleList([
             Block(e3, num_heads, mlp_ratio[2], qkv_bias=qkv_bias, proj_drop=drop_rate, attn_drop=attn_drop_rate,
-                  drop_path=dpr[depth[0] + depth[1] + i], norm_layer=norm_layer, attn_layer=Attention) for i in range(depth[2])])
+                  drop_path=dpr[depth[0] + depth[1] + i], norm_layer=block_norm(norm_layer), attn_layer=Attention) for i in range(depth[2])])
 
     def check_input(self, x: Tensor) -> tuple[int, int]:
         "The token grid of an image batch; a clear `ValueError` for bad shapes or an unexpected grid."

@@ -5,6 +5,7 @@
 # %% ../nbs/01_maskconv.ipynb #bb97d810
 from __future__ import annotations
 import os, sys, logging, warnings
+from functools import partial
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -13,7 +14,7 @@ from timm.layers import DropPath
 
 # %% auto #0
 __all__ = ['Conv1x1', 'conv_nhwc', 'masked_dwconv', 'depthwise_nhwc', 'view_ids', 'kernel_fits', 'view_dwconv', 'cpp_extension',
-           'dw_kernel', 'CMlp', 'CBlock']
+           'dw_kernel', 'ln_kernel', 'LayerNorm', 'block_norm', 'CMlp', 'CBlock']
 
 # %% ../nbs/01_maskconv.ipynb #d3ba0122
 class Conv1x1(nn.Conv2d):
@@ -266,6 +267,158 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 }
 '''
 
+# %% ../nbs/01_maskconv.ipynb #1548e371
+class _LayerNormBF16Fn(torch.autograd.Function):
+    "LayerNorm over the last dim of fp32 `x`, output in bf16 (what autocast would cast it to), gradients in fp32."
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps):
+        y, mean, rstd = ln_kernel().ln_bf16_forward(x, weight, bias, eps)
+        ctx.save_for_backward(x, weight, mean, rstd)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight, mean, rstd = ctx.saved_tensors
+        gx, gw, gb = ln_kernel().ln_bf16_backward(g.contiguous(), x, mean, rstd, weight)
+        return gx, gw, gb, None
+
+def ln_kernel():
+    "The compiled LayerNorm kernel (fp32 in, bf16 out), or None (no compiler, or FASTCONVMAE_NO_KERNEL=1)."
+    return cpp_extension('fastconvmae_layernorm', _LN_SRC)
+
+class LayerNorm(nn.LayerNorm):
+    "`nn.LayerNorm` whose output under CPU bf16 autocast is bf16 straight from a C++ kernel, for the linear layer that follows."
+    def forward(self, x: Tensor) -> Tensor:
+        if (x.device.type == 'cpu' and x.dtype == torch.float32 and torch.is_autocast_enabled('cpu')
+                and torch.get_autocast_dtype('cpu') == torch.bfloat16 and self.weight is not None and self.bias is not None
+                and len(self.normalized_shape) == 1 and not torch.compiler.is_compiling() and ln_kernel() is not None):
+            return _LayerNormBF16Fn.apply(x.contiguous(), self.weight, self.bias, self.eps)
+        return super().forward(x)
+
+def block_norm(norm_layer):
+    "The norm of a block's sublayers: `LayerNorm` with the same arguments if `norm_layer` is `nn.LayerNorm` (or a partial of it)."
+    if norm_layer is nn.LayerNorm: return LayerNorm
+    if isinstance(norm_layer, partial) and norm_layer.func is nn.LayerNorm:
+        return partial(LayerNorm, *norm_layer.args, **norm_layer.keywords)
+    return norm_layer
+
+# %% ../nbs/01_maskconv.ipynb #45c485eb
+_LN_SRC = r'''
+#include <ATen/Parallel.h>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+// fp32 -> bf16 bits, rounding to nearest even like c10::BFloat16 (NaN -> quiet NaN)
+static inline uint16_t bf16_bits(float f) {
+  uint32_t u; std::memcpy(&u, &f, 4);
+  const uint32_t r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  return (u & 0x7fffffffu) > 0x7f800000u ? uint16_t(0x7fc0) : uint16_t(r);
+}
+static inline float as_float(uint16_t h) { uint32_t u = uint32_t(h) << 16; float f; std::memcpy(&f, &u, 4); return f; }
+static inline float as_float(float f) { return f; }
+
+// Mean and 1 / sqrt(var + eps) of a row of C floats (two passes, fp32)
+static inline void moments(const float* x, int64_t C, float eps, float& mu, float& rs) {
+  float s = 0.f;
+  #pragma omp simd reduction(+:s)
+  for (int64_t j = 0; j < C; ++j) s += x[j];
+  mu = s / C;
+  float v = 0.f;
+  #pragma omp simd reduction(+:v)
+  for (int64_t j = 0; j < C; ++j) { const float d = x[j] - mu; v += d * d; }
+  rs = 1.f / std::sqrt(v / C + eps);
+}
+
+// rows [r0, r1) of y = (x - mean) * rstd * gamma + beta in bf16, with their mean and rstd (a plain function: pointers
+// captured by a lambda would keep the compiler from vectorising)
+static void ln_forward_block(const float* X, const float* G, const float* B, uint16_t* Y, float* MU, float* RS,
+                             int64_t r0, int64_t r1, int64_t C, float eps) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const float* xr = X + r * C; uint16_t* yr = Y + r * C;
+    float mu, rs; moments(xr, C, eps, mu, rs);
+    #pragma omp simd
+    for (int64_t j = 0; j < C; ++j) yr[j] = bf16_bits((xr[j] - mu) * rs * G[j] + B[j]);
+    MU[r] = mu; RS[r] = rs;
+  }
+}
+
+// y = (x - mean) * rstd * gamma + beta over the last dim of fp32 x [M, C], written in bf16; also mean and rstd [M]
+std::vector<torch::Tensor> ln_bf16_forward(torch::Tensor x, torch::Tensor gamma, torch::Tensor beta, double eps) {
+  TORCH_CHECK(x.is_contiguous() && x.scalar_type() == at::kFloat && gamma.scalar_type() == at::kFloat &&
+              beta.scalar_type() == at::kFloat && gamma.numel() == x.size(-1) && beta.numel() == x.size(-1), "ln_bf16_forward: bad input");
+  const int64_t C = x.size(-1), M = x.numel() / C;
+  auto y = torch::empty(x.sizes(), x.options().dtype(at::kBFloat16));
+  auto mean = torch::empty({M}, x.options()), rstd = torch::empty({M}, x.options());
+  const float *X = x.data_ptr<float>(), *G = gamma.contiguous().data_ptr<float>(), *B = beta.contiguous().data_ptr<float>();
+  float *MU = mean.data_ptr<float>(), *RS = rstd.data_ptr<float>();
+  uint16_t* Y = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>());
+  at::parallel_for(0, M, 32, [&](int64_t r0, int64_t r1) { ln_forward_block(X, G, B, Y, MU, RS, r0, r1, C, float(eps)); });
+  return {y, mean, rstd};
+}
+
+// d x (fp32) of rows [r0, r1), and their d gamma, d beta added to pg, pb (fp32, for at most a few dozen rows)
+template <typename DY>
+__attribute__((noinline)) static void ln_backward_block(const DY* dY, const float* X, const float* MU, const float* RS,
+    const float* G, float* dX, float* pg, float* pb, int64_t r0, int64_t r1, int64_t C) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const float* xr = X + r * C; float* dxr = dX + r * C; const DY* dyr = dY + r * C;
+    const float mu = MU[r], rs = RS[r];
+    float a = 0.f, b = 0.f;
+    #pragma omp simd reduction(+:a, b)
+    for (int64_t j = 0; j < C; ++j) { const float dg = as_float(dyr[j]) * G[j]; a += dg; b += dg * (xr[j] - mu); }
+    a /= C; b *= rs / C;
+    #pragma omp simd
+    for (int64_t j = 0; j < C; ++j) {
+      const float d = as_float(dyr[j]), xh = (xr[j] - mu) * rs;
+      dxr[j] = rs * (d * G[j] - a - xh * b);
+      pg[j] += d * xh; pb[j] += d;
+    }
+  }
+}
+
+template <typename DY>
+static void ln_backward_rows(const DY* dY, const float* X, const float* MU, const float* RS, const float* G, float* dX,
+                             double* dG, double* dB, int64_t M, int64_t C) {
+  const int nt = at::get_num_threads();
+  std::vector<double> part(size_t(nt) * 2 * C, 0.0);
+  at::parallel_for(0, M, 32, [&](int64_t r0, int64_t r1) {
+    double* pg = part.data() + size_t(at::get_thread_num()) * 2 * C; double* pb = pg + C;
+    std::vector<float> bg(C), bb(C);  // d gamma, d beta of 32 rows in fp32, then added in fp64
+    for (int64_t s = r0; s < r1; s += 32) {
+      std::fill(bg.begin(), bg.end(), 0.f); std::fill(bb.begin(), bb.end(), 0.f);
+      ln_backward_block(dY, X, MU, RS, G, dX, bg.data(), bb.data(), s, std::min(s + 32, r1), C);
+      for (int64_t j = 0; j < C; ++j) { pg[j] += bg[j]; pb[j] += bb[j]; }
+    }
+  });
+  for (int64_t j = 0; j < C; ++j) {
+    double g = 0, s = 0;
+    for (int t = 0; t < nt; ++t) { g += part[size_t(t) * 2 * C + j]; s += part[size_t(t) * 2 * C + C + j]; }
+    dG[j] = g; dB[j] = s;
+  }
+}
+
+std::vector<torch::Tensor> ln_bf16_backward(torch::Tensor dy, torch::Tensor x, torch::Tensor mean, torch::Tensor rstd, torch::Tensor gamma) {
+  TORCH_CHECK(dy.is_contiguous() && x.is_contiguous() && dy.sizes() == x.sizes(), "ln_bf16_backward: bad input");
+  const int64_t C = x.size(-1), M = x.numel() / C;
+  auto dx = torch::empty_like(x);
+  auto dg = torch::empty({C}, x.options().dtype(at::kDouble)), db = torch::empty({C}, x.options().dtype(at::kDouble));
+  const float* G = gamma.contiguous().data_ptr<float>();
+  if (dy.scalar_type() == at::kBFloat16)
+    ln_backward_rows(reinterpret_cast<const uint16_t*>(dy.data_ptr<at::BFloat16>()), x.data_ptr<float>(), mean.data_ptr<float>(),
+                     rstd.data_ptr<float>(), G, dx.data_ptr<float>(), dg.data_ptr<double>(), db.data_ptr<double>(), M, C);
+  else
+    ln_backward_rows(dy.data_ptr<float>(), x.data_ptr<float>(), mean.data_ptr<float>(), rstd.data_ptr<float>(), G,
+                     dx.data_ptr<float>(), dg.data_ptr<double>(), db.data_ptr<double>(), M, C);
+  return {dx, dg.to(at::kFloat), db.to(at::kFloat)};
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("ln_bf16_forward", &ln_bf16_forward);
+  m.def("ln_bf16_backward", &ln_bf16_backward);
+}
+'''
+
 # %% ../nbs/01_maskconv.ipynb #162defb9
 class CMlp(nn.Module):
     "The conv block's MLP: 1x1 conv `fc1`, activation, 1x1 conv `fc2` (channels-last)."
@@ -279,12 +432,12 @@ class CBlock(nn.Module):
     "ConvMAE's convolutional block on channels-last [B, H, W, C] maps, with an optional multi-view mask."
     def __init__(self, dim: int, mlp_ratio: float=4., drop: float=0., drop_path: float=0., act_layer=nn.GELU):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim)  # official: eps 1e-5 whatever the model's norm_layer
+        self.norm1 = LayerNorm(dim)  # official: eps 1e-5 whatever the model's norm_layer
         self.conv1 = Conv1x1(dim, dim)
         self.conv2 = Conv1x1(dim, dim)
         self.attn = nn.Conv2d(dim, dim, 5, padding=2, groups=dim)  # the token mixer (official name)
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
-        self.norm2 = nn.LayerNorm(dim)
+        self.norm2 = LayerNorm(dim)
         self.mlp = CMlp(dim, int(dim * mlp_ratio), act_layer, drop)
 
     def forward(self, x: Tensor, vis: Tensor|None=None) -> Tensor:

@@ -24,6 +24,7 @@ import timm
 from timm.models.vision_transformer import Block
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from .encoder import ConvViTTrunk, CONVVIT_ARCHS, Attention
+from .maskconv import block_norm
 from .models import MaskedAutoencoderConvViT, DECODER_ARCHS, MODELS, masked_mse  # the loss of every target
 from .pretrain import PretrainRecipe, PRESETS, pretrain_learner, fit_pretrain, unwrap
 from .data import pretrain_dls
@@ -142,8 +143,8 @@ class DecoderBranch(nn.Module):
     "One target's private end of the PS-Decoder: `blocks`, `norm`, and `pred` to the target's width."
     def __init__(self, dim: int, depth: int, num_heads: int, mlp_ratio: float, norm_layer, out_dim: int):
         super().__init__()
-        self.blocks = nn.ModuleList([Block(dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=norm_layer, attn_layer=Attention)
-                                     for _ in range(depth)])
+        self.blocks = nn.ModuleList([Block(dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=block_norm(norm_layer),
+                                           attn_layer=Attention) for _ in range(depth)])
         self.norm = norm_layer(dim)
         self.pred = nn.Linear(dim, out_dim)
 
