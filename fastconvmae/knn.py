@@ -117,7 +117,7 @@ def knn_metrics(data, img_size: int, every: int=1, **kwargs) -> list[KNNAccuracy
 
 # %% ../nbs/08b_knn.ipynb #c602dd78
 def _knn_cli(data, checkpoint=None, model=None, img_size=None, k=20, temperature=0.07, n_train=None, bs=256, workers=0,
-             precision='bf16', from_ema=False, trusted=False, device=None):
+             precision='bf16', from_ema=False, trusted=False, device=None, seed=None):
     check_args(img_size=(img_size, 'img_size'), k=(k, 'pos_int'), temperature=(temperature, 'pos'), n_train=(n_train, 'pos_int'),
                bs=(bs, 'pos_int'), workers=(workers, 'nonneg_int'))
     if precision not in ('fp32', 'bf16', 'fp16'): raise UserError(f"--precision must be fp32, bf16 or fp16, got {precision!r}")
@@ -127,11 +127,12 @@ def _knn_cli(data, checkpoint=None, model=None, img_size=None, k=20, temperature
     model = model or ('convvit_' + arch.split('convvit_', 1)[1] if 'convvit_' in arch else 'convvit_base_patch16')
     if model not in classifier_archs(): raise UserError(f"--model must be one of {', '.join(classifier_archs())}, got {model!r}")
     img_size = img_size or rec.get('img_size') or 224
+    if seed is not None: torch.manual_seed(seed)  # the random initialisation (without a checkpoint)
     m = create_model(model, num_classes=0, img_size=img_size)
     if ck is not None: load_pretrained(m, ck, verbose=False, from_ema=from_ema, source=str(checkpoint))
     dev = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     res = KNNEvaluator(data, img_size, bs=bs, k=k, T=temperature, n_train=n_train, precision=precision, num_workers=workers)(m.to(dev))
-    print(json.dumps(dict(model=model, img_size=img_size, checkpoint=str(checkpoint) if checkpoint else None, k=k, temperature=temperature,
+    print(json.dumps(dict(model=model, img_size=img_size, checkpoint=str(checkpoint) if checkpoint else None, seed=seed, k=k, temperature=temperature,
                           **{n: round(v, 4) if isinstance(v, float) else v for n, v in res.items()})))
 
 @call_parse
@@ -145,7 +146,8 @@ def main(data: Param("dataset root with train/ (memory bank) and val/ (queries) 
          from_ema: Param("MoR checkpoints: score the EMA teacher's weights", store_true)=False,
          trusted: Param("unpickle the checkpoint fully (ONLY for files you trust)", store_true)=False,
          device: Param("cuda, cpu, ... (default: cuda if available)", str)=None,
+         seed: Param("seed of the random initialisation when there is no checkpoint (default: PyTorch's start-up state)", int)=None,
          debug: Param("show tracebacks instead of one-line errors", store_true)=False):
     "Weighted k-NN accuracy (k = 20, T = 0.07, as DINO) of a checkpoint's frozen, pooled encoder features"
-    run_cli(_knn_cli, data, checkpoint, model, img_size, k, temperature, n_train, bs, workers, precision, from_ema, trusted, device,
+    run_cli(_knn_cli, data, checkpoint, model, img_size, k, temperature, n_train, bs, workers, precision, from_ema, trusted, device, seed,
             debug=debug)
