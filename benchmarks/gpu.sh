@@ -1,5 +1,5 @@
 #!/bin/bash
-# The GPU measurements of the speed issue, as one script for a machine with a CUDA device (about 6 minutes on an H200).
+# The GPU measurements of the speed issue, as one script for a machine with a CUDA device (4.5 minutes on an H200).
 # Usage: OFFICIAL_DIR=/path/to/FastConvMAE PEAK_TFLOPS=989 bash benchmarks/gpu.sh
 # (989 TFLOP/s: dense bf16 of an H100/H200 SXM; use your device's datasheet figure.)
 # LOADER_DATA: a folder of JPEGs for the loader and the end-to-end run (default: the balloon photos);
