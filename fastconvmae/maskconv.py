@@ -318,8 +318,8 @@ static inline uint16_t bf16_bits(float f) {
 static inline float as_float(uint16_t h) { uint32_t u = uint32_t(h) << 16; float f; std::memcpy(&f, &u, 4); return f; }
 static inline float as_float(float f) { return f; }
 
-// Mean and 1 / sqrt(var + eps) of a row of C floats (two passes, fp32)
-static inline void moments(const float* x, int64_t C, float eps, float& mu, float& rs) {
+// Mean and variance (sum of squared deviations / (C - ddof)) of a row of C floats, in two fp32 passes
+static inline void moments(const float* x, int64_t C, int64_t ddof, float& mu, float& var) {
   float s = 0.f;
   #pragma omp simd reduction(+:s)
   for (int64_t j = 0; j < C; ++j) s += x[j];
@@ -327,16 +327,17 @@ static inline void moments(const float* x, int64_t C, float eps, float& mu, floa
   float v = 0.f;
   #pragma omp simd reduction(+:v)
   for (int64_t j = 0; j < C; ++j) { const float d = x[j] - mu; v += d * d; }
-  rs = 1.f / std::sqrt(v / C + eps);
+  var = v / (C - ddof);
 }
 
-// rows [r0, r1) of y = (x - mean) * rstd * gamma + beta in bf16, with their mean and rstd (a plain function: pointers
-// captured by a lambda would keep the compiler from vectorising)
+// Rows [r0, r1) of y = (x - mean) * rstd * gamma + beta in bf16, with their mean and rstd. (The row loops of this file
+// live in plain functions: written inside the parallel_for lambdas they ran about three times slower here.)
 static void ln_forward_block(const float* X, const float* G, const float* B, uint16_t* Y, float* MU, float* RS,
                              int64_t r0, int64_t r1, int64_t C, float eps) {
   for (int64_t r = r0; r < r1; ++r) {
     const float* xr = X + r * C; uint16_t* yr = Y + r * C;
-    float mu, rs; moments(xr, C, eps, mu, rs);
+    float mu, var; moments(xr, C, 0, mu, var);
+    const float rs = 1.f / std::sqrt(var + eps);
     #pragma omp simd
     for (int64_t j = 0; j < C; ++j) yr[j] = bf16_bits((xr[j] - mu) * rs * G[j] + B[j]);
     MU[r] = mu; RS[r] = rs;
@@ -413,8 +414,30 @@ std::vector<torch::Tensor> ln_bf16_backward(torch::Tensor dy, torch::Tensor x, t
   return {dx, dg.to(at::kFloat), db.to(at::kFloat)};
 }
 
+// MAE's norm_pix_loss target (models chapter): each row of fp32 t [R, P] minus its mean, divided by
+// sqrt(unbiased variance + eps), in fp32
+static void normalise_block(const float* t, float* out, int64_t r0, int64_t r1, int64_t P, float eps) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const float* x = t + r * P; float* o = out + r * P;
+    float mu, var; moments(x, P, 1, mu, var);
+    const float sd = std::sqrt(var + eps);
+    #pragma omp simd
+    for (int64_t j = 0; j < P; ++j) o[j] = (x[j] - mu) / sd;
+  }
+}
+
+torch::Tensor normalise_rows(torch::Tensor t, double eps) {
+  TORCH_CHECK(t.is_contiguous() && t.scalar_type() == at::kFloat && t.size(-1) > 1, "normalise_rows: bad input");
+  const int64_t P = t.size(-1), R = t.numel() / P;
+  auto out = torch::empty_like(t);
+  const float* x = t.data_ptr<float>(); float* o = out.data_ptr<float>();
+  at::parallel_for(0, R, 16, [&](int64_t r0, int64_t r1) { normalise_block(x, o, r0, r1, P, static_cast<float>(eps)); });
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("ln_bf16_forward", &ln_bf16_forward);
+  m.def("normalise_rows", &normalise_rows);
   m.def("ln_bf16_backward", &ln_bf16_backward);
 }
 '''

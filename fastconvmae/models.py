@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from timm.models.vision_transformer import Block
 from .masking import patchify, unpatchify, random_masking, num_views, upsample_mask, Masking
-from .maskconv import cpp_extension, block_norm
+from .maskconv import cpp_extension, block_norm, ln_kernel
 from .encoder import (ConvViTTrunk, ConvViT, Attention, sincos_2d, to_hw, conv_nhwc, CONVVIT_ARCHS,
                                  convvit_base_patch16, convvit_small_patch16, convvit_tiny_patch16)
 
@@ -120,8 +120,8 @@ def forward_decoder(self: MaskedAutoencoderConvViT, x: Tensor, m: Masking, hw: t
 # %% ../nbs/03_models.ipynb #ee67b86e
 def normalise_patches(t: Tensor, eps: float=1e-6) -> Tensor:
     "MAE's `norm_pix_loss` target: each patch (last dim) minus its mean, divided by sqrt(unbiased variance + eps)."
-    ext = mse_kernel() if t.device.type == 'cpu' and t.dtype == torch.float32 and not t.requires_grad else None
-    if ext is not None: return ext.normalise_patches(t.contiguous(), eps)  # one C++ pass (same formula, fp32)
+    ext = ln_kernel() if t.device.type == 'cpu' and t.dtype == torch.float32 and not t.requires_grad else None
+    if ext is not None: return ext.normalise_rows(t.contiguous(), eps)  # one C++ pass, same formula (LayerNorm's kernel)
     var, mean = torch.var_mean(t, dim=-1, keepdim=True)
     return (t - mean) / (var + eps) ** .5
 
@@ -172,61 +172,27 @@ def forward_loss(self: MaskedAutoencoderConvViT, imgs: Tensor, pred: Tensor, mas
 _MSE_SRC = r'''
 #include <ATen/Parallel.h>
 #include <ATen/OpMathType.h>
-#include <algorithm>
 #include <vector>
-
-#include <cmath>
-
-// MAE's norm_pix_loss target, rows [r0, r1) of t [R, P]: (t - mean) / sqrt(unbiased variance + eps), two passes in fp32
-static void normalise_block(const float* t, float* out, int64_t r0, int64_t r1, int64_t P, float eps) {
-  for (int64_t r = r0; r < r1; ++r) {
-    const float* x = t + r * P; float* o = out + r * P;
-    float s = 0.f;
-    #pragma omp simd reduction(+:s)
-    for (int64_t j = 0; j < P; ++j) s += x[j];
-    const float mu = s / P;
-    float v = 0.f;
-    #pragma omp simd reduction(+:v)
-    for (int64_t j = 0; j < P; ++j) { const float d = x[j] - mu; v += d * d; }
-    const float sd = std::sqrt(v / (P - 1) + eps);
-    #pragma omp simd
-    for (int64_t j = 0; j < P; ++j) o[j] = (x[j] - mu) / sd;
-  }
-}
-
-torch::Tensor normalise_patches(torch::Tensor t, double eps) {
-  TORCH_CHECK(t.is_contiguous() && t.scalar_type() == at::kFloat && t.size(-1) > 1, "normalise_patches: bad input");
-  const int64_t P = t.size(-1), rows = t.numel() / P;
-  auto out = torch::empty_like(t);
-  const float* x = t.data_ptr<float>(); float* o = out.data_ptr<float>();
-  at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) { normalise_block(x, o, r0, r1, P, static_cast<float>(eps)); });
-  return out;
-}
 
 // The masked patch MSE of a pretraining step: loss = sum_r w[r] * mean_p (pred[r, p] - t[r mod R, p])^2 over rows r of
 // pred [K * R, P] (the K views share the target's R = B * L rows); rows with w = 0 (visible patches) are skipped.
-// Sum over rows [r0, r1) of w[r] * sum_p (pred[r, p] - t[r mod R, p])^2 (row loops in plain functions: inside the
-// parallel_for lambda GCC vectorises them less well)
-template <typename T>
-static double mse_block(const T* pred, const float* t, const float* w, int64_t r0, int64_t r1, int64_t R, int64_t P) {
-  double acc = 0.0;
-  for (int64_t r = r0; r < r1; ++r) {
-    if (w[r] == 0.f) continue;
-    const T* p = pred + r * P;
-    const float* q = t + (r % R) * P;
-    float s = 0.f;
-    #pragma omp simd reduction(+:s)
-    for (int64_t j = 0; j < P; ++j) { const float d = static_cast<float>(p[j]) - q[j]; s += d * d; }
-    acc += static_cast<double>(w[r]) * s;
-  }
-  return acc;
-}
-
 template <typename T>
 static double mse_rows(const T* pred, const float* t, const float* w, int64_t rows, int64_t R, int64_t P) {
   const int nt = at::get_num_threads();
   std::vector<double> part(nt, 0.0);
-  at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) { part[at::get_thread_num()] += mse_block(pred, t, w, r0, r1, R, P); });
+  at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
+    double acc = 0.0;
+    for (int64_t r = r0; r < r1; ++r) {
+      if (w[r] == 0.f) continue;
+      const T* p = pred + r * P;
+      const float* q = t + (r % R) * P;
+      float s = 0.f;
+      #pragma omp simd reduction(+:s)
+      for (int64_t j = 0; j < P; ++j) { const float d = static_cast<float>(p[j]) - q[j]; s += d * d; }
+      acc += static_cast<double>(w[r]) * s;
+    }
+    part[at::get_thread_num()] += acc;
+  });
   double total = 0.0;
   for (double v : part) total += v;
   return total / P;
@@ -243,24 +209,20 @@ torch::Tensor masked_mse_forward(torch::Tensor pred, torch::Tensor t, torch::Ten
   return torch::tensor(loss, t.options());
 }
 
-// d loss / d pred = 2 g w[r] (pred - t) / P, in pred's dtype (zero on rows with w = 0), for rows [r0, r1)
-template <typename T>
-static void mse_grad_block(const T* pred, const float* t, const float* w, double g, T* out, int64_t r0, int64_t r1,
-                           int64_t R, int64_t P) {
-  for (int64_t r = r0; r < r1; ++r) {
-    T* o = out + r * P;
-    const float s = static_cast<float>(2.0 * g * w[r] / P);
-    if (s == 0.f) { std::fill(o, o + P, T(0)); continue; }
-    const T* p = pred + r * P;
-    const float* q = t + (r % R) * P;
-    #pragma omp simd
-    for (int64_t j = 0; j < P; ++j) o[j] = T(s * (static_cast<float>(p[j]) - q[j]));
-  }
-}
-
+// d loss / d pred = 2 g w[r] (pred - t) / P, in pred's dtype (zero on rows with w = 0)
 template <typename T>
 static void mse_grad_rows(const T* pred, const float* t, const float* w, double g, T* out, int64_t rows, int64_t R, int64_t P) {
-  at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) { mse_grad_block(pred, t, w, g, out, r0, r1, R, P); });
+  at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      T* o = out + r * P;
+      const float s = static_cast<float>(2.0 * g * w[r] / P);
+      if (s == 0.f) { for (int64_t j = 0; j < P; ++j) o[j] = T(0); continue; }
+      const T* p = pred + r * P;
+      const float* q = t + (r % R) * P;
+      #pragma omp simd
+      for (int64_t j = 0; j < P; ++j) o[j] = T(s * (static_cast<float>(p[j]) - q[j]));
+    }
+  });
 }
 
 torch::Tensor masked_mse_backward(torch::Tensor pred, torch::Tensor t, torch::Tensor w, double g) {
@@ -276,7 +238,6 @@ torch::Tensor masked_mse_backward(torch::Tensor pred, torch::Tensor t, torch::Te
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("masked_mse_forward", &masked_mse_forward);
   m.def("masked_mse_backward", &masked_mse_backward);
-  m.def("normalise_patches", &normalise_patches);
 }
 '''
 

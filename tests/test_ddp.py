@@ -28,10 +28,10 @@ def test_ddp_matches_single_process(tmp_path):
         a, b = r0[k], one[k]
         if k.endswith('attn.qkv.bias'):
             # the key third's true gradient is zero (softmax ignores a shift shared by all keys), so its gradient is pure
-            # round-off, which Adam scales up to steps of the learning rate's size (8 steps of at most 8e-4 here):
+            # round-off, which Adam can scale up towards steps of the learning rate's size (at most 8e-4 here; 1.7e-5 seen):
             # bounded loosely, the query and value thirds strictly
             d = a.shape[0] // 3
-            torch.testing.assert_close(a[d:2 * d], b[d:2 * d], rtol=0, atol=1e-3, msg=lambda m: f'{k} (keys): {m}')
+            torch.testing.assert_close(a[d:2 * d], b[d:2 * d], rtol=0, atol=1e-4, msg=lambda m: f'{k} (keys): {m}')
             a, b = torch.cat([a[:d], a[2 * d:]]), torch.cat([b[:d], b[2 * d:]])
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=lambda m: f'{k}: {m}')
     init = torch.load(single / 'init0.pt')  # the runs started from the same weights, and training moved them
