@@ -119,7 +119,7 @@ def adamw(model):
     except (RuntimeError, TypeError): return torch.optim.AdamW(model.parameters(), foreach=True, **kw)
 
 
-def main():
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--config', default='base', choices=list(CONFIGS), help='model configuration')
     p.add_argument('--convmae', action='store_true', help='ConvMAE (one view) instead of Fast ConvMAE')
@@ -135,7 +135,11 @@ def main():
     p.add_argument('--compile', default='no', choices=['no', 'yes', 'both'], help='torch.compile this package\'s model')
     p.add_argument('--channels_last', action='store_true', help='channels-last weights (the CUDA default of the pretraining command)')
     p.add_argument('--peak_tflops', type=float, default=None, help='datasheet bf16 peak of the device, for MFU (H100/H200 SXM: 989)')
-    a = p.parse_args()
+    return p
+
+
+def main():
+    a = parser().parse_args()
     if a.threads: torch.set_num_threads(a.threads)
     device = torch.device(a.device)
     cfg = CONFIGS[a.config]

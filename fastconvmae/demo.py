@@ -4,18 +4,19 @@
 
 # %% ../nbs/09_demo.ipynb #f744ff69
 from __future__ import annotations
-import random, time
+import itertools, random, time
 from dataclasses import replace
 from pathlib import Path
 import numpy as np
 import torch
-from fastcore.script import call_parse, bool_arg
+from fastcore.script import Param, store_true
 from .models import create_model, reconstruct, show_views
 from .data import pretrain_dls
-from .pretrain import PRESETS, pretrain_learner, fit_pretrain, prepare_output, run_cli, console_progress
+from .pretrain import (PRESETS, pretrain_learner, fit_pretrain, check_output, prepare_output, run_files, run_cli,
+                                  console_progress, check_args, UserError, call_parse_exact)
 
 # %% auto #0
-__all__ = ['first_figures', 'run_demo', 'demo']
+__all__ = ['DEMO_FILES', 'demo_output', 'first_figures', 'run_demo', 'demo']
 
 # %% ../nbs/09_demo.ipynb #8a21e4c4
 def _bundled_data() -> Path:
@@ -43,6 +44,16 @@ def _loss_figure(learn, title=''):
     fig.tight_layout()
     return fig
 
+#: what the demo writes besides the run files of pretraining (checkpoint-latest.pth, log.csv)
+DEMO_FILES = ('masks.png', 'views.png', 'untrained.png', 'reconstruction.png', 'loss.png', 'reconstructions')
+
+def demo_output(output=None) -> Path:
+    "The demo's folder: `output` if given; else `outputs/demo`, or the first of `outputs/demo-2`, `-3`, ... that holds no earlier demo."
+    if output is not None: return Path(output)
+    for i in itertools.count(1):
+        p = Path('outputs') / ('demo' if i == 1 else f'demo-{i}')
+        if not run_files(p, DEMO_FILES): return p
+
 def first_figures(arch: str, img_size: int, mask_ratio: float=0.75, seed: int=0):
     "The demo's first figures for the bundled cat photo: its masks per stage, the complementary views and an untrained model's reconstruction. Returns (figures, image batch, model, noise)."
     from fastconvmae.masking import show_mask_stages, show_complementary_views
@@ -56,17 +67,20 @@ def first_figures(arch: str, img_size: int, mask_ratio: float=0.75, seed: int=0)
     return figs, x, model, noise
 
 def run_demo(data=None, # image folder (default: ../shared/data/imagenette-128 if present, else the bundled photos)
-             output='outputs/demo', # the demo's own folder: figures, log and checkpoint (a previous demo there is replaced)
+             output=None, # the demo's folder (default: `demo_output()`, a new one); one holding an earlier run is refused
              epochs: int|None=None, # override the demo's epochs
              n_train: int=4000, # training images used from a large folder
-             seed: int=0, log=print) -> dict:
-    "Run the demo; return its figures (matplotlib, also saved as PNGs in `output`), the train losses and the `Learner`."
+             seed: int=0, overwrite: bool=False, # replace an earlier run in `output`
+             log=print) -> dict:
+    "Run the demo; return its figures (matplotlib, also saved as PNGs in its folder), the train losses, the `Learner` and the folder."
     import matplotlib.pyplot as plt
-    torch.manual_seed(seed); random.seed(seed); np.random.seed(seed)
+    check_args(epochs=(epochs, 'pos_int'), n_train=(n_train, 'pos_int'), seed=(seed, 'nonneg_int'))
     photos = _bundled_data()
-    out = prepare_output(output, overwrite=True)
     shared = Path('../shared/data/imagenette-128')
-    data = Path(data) if data else (shared if shared.exists() else photos)
+    data = Path(data).expanduser() if data else (shared if shared.exists() else photos)
+    if not data.is_dir(): raise UserError(f"dataset folder not found: {data}")
+    out = check_output(demo_output(output), overwrite=overwrite, products=DEMO_FILES)  # touches nothing yet
+    torch.manual_seed(seed); random.seed(seed); np.random.seed(seed)
     big = len(list(data.rglob('*.*'))) > 100
     r = replace(PRESETS['cpu'], img_size=96, epochs=epochs or 5, warmup_epochs=0.5) if big else \
         replace(PRESETS['cpu'], img_size=64, bs=5, epochs=epochs or 40, warmup_epochs=4, blr=5e-3)
@@ -76,6 +90,7 @@ def run_demo(data=None, # image folder (default: ../shared/data/imagenette-128 i
     # 2. pretraining
     dls = pretrain_dls(data, img_size=r.img_size, bs=r.bs, num_workers=1 if big else 0, seed=seed,
                        n_train=n_train if big else None, valid=4)
+    out = prepare_output(out, overwrite=overwrite, products=DEMO_FILES)  # every input checked: now the folder
     log(f"pretraining {r.arch} on raw pixels at {r.img_size} px, {len(dls.train.dataset)} images of {data.name}, "
         f"{r.epochs} epochs ({r.precision}, CPU)")
     learn = console_progress(pretrain_learner(dls, r, model=model.train(), output=out))
@@ -90,20 +105,21 @@ def run_demo(data=None, # image folder (default: ../shared/data/imagenette-128 i
     for k, f in figs.items(): f.savefig(out / f'{k}.png'); plt.close(f)
     log(f"train loss {losses[0]:.3f} (first batch) -> {np.mean(losses[-len(dls.train):]):.3f} (mean of the last epoch) "
         f"in {minutes:.1f} min")
-    return dict(figs=figs, losses=losses, learn=learn, minutes=minutes)
+    return dict(figs=figs, losses=losses, learn=learn, minutes=minutes, output=out)
 
 # %% ../nbs/09_demo.ipynb #df7deb83
-@call_parse
-def demo(data: str=None, # image folder (default: ../shared/data/imagenette-128 if present, else the bundled photos)
-         output: str='outputs/demo', # the demo's own folder (a previous demo there is replaced)
-         epochs: int=None, # override the demo's epochs
-         n_train: int=4000, # training images used from a large folder
-         seed: int=0,
-         debug: bool_arg=False): # full tracebacks
+@call_parse_exact
+def demo(data: Param("image folder (default: ../shared/data/imagenette-128 if present, else the bundled photos)", str)=None,
+         output: Param("the demo's folder (default: outputs/demo, or outputs/demo-2, -3, ... if it holds an earlier demo)", str)=None,
+         overwrite: Param("replace the earlier run in --output", store_true)=False,
+         epochs: Param("override the demo's epochs", int)=None,
+         n_train: Param("training images used from a large folder", int)=4000,
+         seed: Param("random seed", int)=0,
+         debug: Param("show tracebacks instead of one-line errors", store_true)=False):
     "Masking figures, a few minutes of Fast ConvMAE-T pretraining on CPU, and its reconstructions."
     import matplotlib; matplotlib.use('Agg')
     def _run():
-        run_demo(data, output, epochs, n_train, seed)
-        print(f"figures in {output}: masks.png, views.png, untrained.png, reconstruction.png, loss.png "
+        out = run_demo(data, output, epochs, n_train, seed, overwrite)['output']
+        print(f"figures in {out}: masks.png, views.png, untrained.png, reconstruction.png, loss.png "
               f"(and reconstructions/ per epoch, log.csv, checkpoint-latest.pth)")
     run_cli(_run, debug=debug)

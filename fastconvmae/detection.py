@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from fastcore.basics import store_attr
 from fastcore.foundation import L
-from fastcore.script import call_parse, Param, bool_arg, store_true
+from fastcore.script import Param, bool_arg, store_true
 from fastai.learner import Learner, Metric, Recorder
 from fastai.callback.core import Callback
 from fastai.callback.training import GradientAccumulation, GradientClip
@@ -38,16 +38,18 @@ from .finetune import load_checkpoint as read_checkpoint
 from .data import load_rgb, BadImageError, BadImageWarning, PretrainDL
 from .pretrain import (AnyDeviceMixedPrecision, StopOnNonFinite, PretrainCheckpoint, RunLog, ShardedTrainer,
                                   adamw, fit_pretrain, unwrap, launch_setup, seed_rank, load_checkpoint, atomic_save,
-                                  UserError, check_args, prepare_output, run_cli, console_progress, isolated_rng,
+                                  UserError, check_args, check_output, prepare_output, run_cli, console_progress, isolated_rng,
+                                  check_mode_options, call_parse_exact,
                                   NonFiniteLossError)
 
 # %% auto #0
-__all__ = ['MEAN_FILL', 'STAT_NAMES', 'DETECTION_PRESETS', 'find_split', 'CocoInstances', 'LargeScaleJitter', 'ResizePad',
-           'draw_instances', 'synthetic_coco', 'ConvViTFPN', 'maskrcnn_convvit', 'collate_detection', 'DetectionDL',
-           'DetectionCallback', 'detection_loss', 'DetectionRecorder', 'to_coco_results', 'COCOEvaluator', 'COCOMetric',
-           'coco_metrics', 'gt_as_predictions', 'DetectionRecipe', 'detection_param_groups', 'coco_dls',
-           'DetectionCheckpoint', 'model_args', 'detection_learner', 'detection_recipe', 'format_stats',
-           'train_detection', 'load_detector', 'evaluate_detection', 'predict_detection', 'main']
+__all__ = ['MEAN_FILL', 'STAT_NAMES', 'DETECTION_PRESETS', 'DETECT_MODES', 'find_split', 'CocoInstances', 'LargeScaleJitter',
+           'ResizePad', 'draw_instances', 'synthetic_coco', 'ConvViTFPN', 'maskrcnn_convvit', 'collate_detection',
+           'DetectionDL', 'DetectionCallback', 'detection_loss', 'DetectionRecorder', 'to_coco_results',
+           'COCOEvaluator', 'COCOMetric', 'coco_metrics', 'gt_as_predictions', 'DetectionRecipe',
+           'detection_param_groups', 'coco_dls', 'DetectionCheckpoint', 'model_args', 'detection_learner',
+           'detection_recipe', 'format_stats', 'train_detection', 'load_detector', 'evaluate_detection',
+           'predict_detection', 'main']
 
 # %% ../nbs/10_detection.ipynb #98dac305
 def _quiet(fn, *args, **kwargs):
@@ -541,11 +543,12 @@ def train_detection(data, preset: str='cpu', output='runs/detect', pretrained=No
                     overwrite: bool=False, trusted: bool=False, console: bool=True, **overrides) -> Learner:
     "Fine-tune Mask R-CNN on a COCO-layout folder; writes checkpoints, log.csv, metrics.json and the last validation's results JSON to `output`."
     r = detection_recipe(preset, **overrides); _check_recipe(r)
-    output = prepare_output(output, resume, overwrite)
+    check_output(output, resume, overwrite)  # refuse a folder holding another run, touching nothing yet
     rank, world, device = launch_setup(seed)
     dls = coco_dls(data, r.img_size, r.bs, r.scale, train_split, valid_split, workers, seed, rank, world, device, n_train)
     if pretrained is not None and resume is None:  # any layout the fine-tuning chapter reads (official files carry argparse args)
         pretrained = read_checkpoint(pretrained, trusted=trusted)
+    output = prepare_output(output, resume, overwrite)  # every input checked: now the folder
     learn = detection_learner(dls, r, pretrained=pretrained if resume is None else None, output=output)
     seed_rank(seed)
     if console: console_progress(learn)
@@ -580,8 +583,9 @@ def load_detector(checkpoint, trusted: bool=False) -> tuple[MaskRCNN, DetectionR
 
 @torch.no_grad()
 def evaluate_detection(checkpoint, data, split: str='val', output=None, bs: int|None=None, precision: str|None=None,
-                       device=None, trusted: bool=False) -> dict:
-    "COCO box and mask AP of a checkpoint on `split` of `data`; writes the results JSON and metrics to `output` if given."
+                       device=None, trusted: bool=False, overwrite: bool=False) -> dict:
+    "COCO box and mask AP of a checkpoint on `split` of `data`; writes the results JSON and metrics to `output` if given (never over earlier ones unless `overwrite`)."
+    if output is not None: check_output(output, overwrite=overwrite, products=(f'results_{split}.json', f'metrics_{split}.json'))
     model, r, cats = load_detector(checkpoint, trusted)
     device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     ds = CocoInstances(*find_split(data, split), tfm=ResizePad(r.img_size))
@@ -613,15 +617,17 @@ def _image_files(images) -> list[Path]:
 
 @torch.no_grad()
 def predict_detection(checkpoint, images, output='predictions', score_thresh: float=0.5, device=None, trusted: bool=False,
-                      max_images: int|None=None) -> list[Path]:
-    "Detect objects in an image or a folder of images; save one figure per image (boxes, masks, labels, scores) to `output`."
+                      max_images: int|None=None, overwrite: bool=False) -> list[Path]:
+    "Detect objects in an image or a folder of images; save one figure per image (boxes, masks, labels, scores) to `output` (never over earlier figures unless `overwrite`)."
+    files = _image_files(images)[:max_images]
+    check_output(output, overwrite=overwrite, products={f'{f.stem}_pred.png' for f in files})
     model, r, cats = load_detector(checkpoint, trusted)
     device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     model.to(device)
     names, out, saved = [c['name'] for c in cats], Path(output), []
     out.mkdir(parents=True, exist_ok=True)
     tfm = ResizePad(r.img_size)
-    for f in _image_files(images)[:max_images]:
+    for f in files:
         try: pil = load_rgb(f)
         except BadImageError as e: warnings.warn(f"skipping unreadable image: {e}", BadImageWarning); continue
         img = tv_tensors.Image(TF.pil_to_tensor(pil)); h, w = img.shape[-2:]
@@ -639,29 +645,47 @@ def predict_detection(checkpoint, images, output='predictions', score_thresh: fl
     return saved
 
 # %% ../nbs/10_detection.ipynb #cfcb03df
-def _main(mode, data=None, checkpoint=None, images=None, output=None, pretrained=None, resume=None, split='val',
-          score_thresh=0.5, trusted=False, **kw):
+#: the options of each mode of `fastconvmae_detect` (any other is refused)
+DETECT_MODES = {
+    'train': {'data', 'preset', 'arch', 'img_size', 'window_size', 'epochs', 'warmup_epochs', 'bs', 'lr', 'accum', 'precision',
+              'grad_checkpointing', 'pretrained', 'resume', 'output', 'n_train', 'workers', 'seed', 'overwrite', 'trusted'},
+    'evaluate': {'checkpoint', 'data', 'split', 'output', 'bs', 'precision', 'overwrite', 'trusted'},
+    'predict': {'checkpoint', 'images', 'output', 'score_thresh', 'overwrite', 'trusted'}}
+_DETECT_HINTS = {
+    ('train', 'checkpoint'): "--checkpoint names a trained detector (evaluate, predict); start training from weights with --pretrained",
+    ('evaluate', 'pretrained'): "evaluate scores a trained detector: pass it with --checkpoint",
+    ('predict', 'pretrained'): "predict uses a trained detector: pass it with --checkpoint",
+    ('predict', 'data'): "predict reads an image or a folder of images: pass it with --images",
+    ('evaluate', 'images'): "evaluate reads a COCO-layout folder: pass it with --data"}
+
+def _main(mode, data=None, checkpoint=None, images=None, output=None, pretrained=None, resume=None, split=None,
+          score_thresh=None, trusted=False, overwrite=False, **kw):
+    check_mode_options('fastconvmae_detect', mode, dict(data=data, checkpoint=checkpoint, images=images, output=output, pretrained=pretrained,
+                       resume=resume, split=split, score_thresh=score_thresh, trusted=trusted, overwrite=overwrite, **kw), DETECT_MODES, _DETECT_HINTS)
+    kw = {k: v for k, v in kw.items() if v is not None and v is not False}
     if mode == 'train':
         if data is None: raise UserError("train needs --data (a COCO-layout folder)")
-        train_detection(data, output=output or 'runs/detect', pretrained=pretrained, resume=resume, trusted=trusted, **kw)
+        train_detection(data, output=output or 'runs/detect', pretrained=pretrained, resume=resume, trusted=trusted, overwrite=overwrite, **kw)
     elif mode == 'evaluate':
         if checkpoint is None or data is None: raise UserError("evaluate needs --checkpoint and --data")
-        stats = evaluate_detection(checkpoint, data, split, output or Path(checkpoint).parent, bs=kw.get('bs'),
-                                   precision=kw.get('precision'), trusted=trusted)
-        print(format_stats(stats))
+        split = split or 'val'
+        out = output or Path(checkpoint).parent / f'eval_{split}'   # beside the checkpoint, never over the training run's files
+        stats = evaluate_detection(checkpoint, data, split, out, bs=kw.get('bs'), precision=kw.get('precision'), trusted=trusted,
+                                   overwrite=overwrite)
+        print(format_stats(stats)); print(f"results_{split}.json and metrics_{split}.json in {out}")
     elif mode == 'predict':
         if checkpoint is None or images is None: raise UserError("predict needs --checkpoint and --images (a file or a folder)")
+        score_thresh = 0.5 if score_thresh is None else score_thresh
         check_args(score_thresh=(score_thresh, 'unit'))
-        saved = predict_detection(checkpoint, images, output or 'predictions', score_thresh, trusted=trusted)
+        saved = predict_detection(checkpoint, images, output or 'predictions', score_thresh, trusted=trusted, overwrite=overwrite)
         print(f"{len(saved)} figures in {Path(output or 'predictions')}")
-    else: raise UserError(f"unknown mode {mode!r}: choose train, evaluate or predict")
 
-@call_parse
+@call_parse_exact
 def main(mode: Param("train, evaluate or predict", str),
          data: Param("COCO-layout folder (split/ and annotations/instances_split.json)", str)=None,
          checkpoint: Param("detection checkpoint (evaluate, predict)", str)=None,
          images: Param("image file or folder (predict)", str)=None,
-         preset: Param("recipe: cpu, coco_25ep, coco_50ep or coco_100ep", str)='cpu',
+         preset: Param("recipe: cpu, coco_25ep, coco_50ep or coco_100ep (default cpu)", str)=None,
          arch: Param("backbone size: tiny, small or base", str)=None,
          img_size: Param("training and test size (multiple of 32)", int)=None,
          window_size: Param("stage-3 attention window in tokens", int)=None,
@@ -674,19 +698,17 @@ def main(mode: Param("train, evaluate or predict", str),
          grad_checkpointing: Param("activation checkpointing of stage 3", store_true)=False,
          pretrained: Param("pretraining (or fine-tuning) checkpoint for the backbone", str)=None,
          resume: Param("checkpoint-latest.pth of a run to continue", str)=None,
-         output: Param("output folder", str)=None,
-         split: Param("split to evaluate", str)='val',
+         output: Param("output folder (train: runs/detect; evaluate: eval_SPLIT beside the checkpoint; predict: predictions)", str)=None,
+         split: Param("split to evaluate (default val)", str)=None,
          n_train: Param("use only the first N training images", int)=None,
-         workers: Param("data loading processes", int)=0,
-         seed: Param("random seed", int)=0,
-         score_thresh: Param("minimum score drawn (predict)", float)=0.5,
-         overwrite: Param("replace a previous run in --output", store_true)=False,
+         workers: Param("data loading processes (default 0)", int)=None,
+         seed: Param("random seed (default 0)", int)=None,
+         score_thresh: Param("minimum score drawn (predict; default 0.5)", float)=None,
+         overwrite: Param("replace what an earlier run wrote in --output", store_true)=False,
          trusted: Param("allow full unpickling of checkpoints you trust", store_true)=False,
          debug: Param("show tracebacks", store_true)=False):
     "Mask R-CNN on ConvViT: train (fine-tune on a COCO-format set), evaluate (COCO box/mask AP), predict (figures)."
     run_cli(_main, mode, data=data, checkpoint=checkpoint, images=images, output=output, pretrained=pretrained, resume=resume,
-            split=split, score_thresh=score_thresh, trusted=trusted, debug=debug,
-            **({} if mode != 'train' else dict(preset=preset, arch=arch, img_size=img_size, window_size=window_size, epochs=epochs,
-                                               warmup_epochs=warmup_epochs, lr=lr, accum=accum, grad_checkpointing=grad_checkpointing or None,
-                                               n_train=n_train, workers=workers, seed=seed, overwrite=overwrite)),
-            **dict(bs=bs, precision=precision))
+            split=split, score_thresh=score_thresh, trusted=trusted, overwrite=overwrite, debug=debug, preset=preset, arch=arch,
+            img_size=img_size, window_size=window_size, epochs=epochs, warmup_epochs=warmup_epochs, lr=lr, accum=accum,
+            grad_checkpointing=grad_checkpointing, n_train=n_train, workers=workers, seed=seed, bs=bs, precision=precision)

@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 from fastcore.basics import store_attr, patch
-from fastcore.script import call_parse, Param, store_true
+from fastcore.script import Param, store_true
 from fastcore.foundation import L
 from fastai.learner import Learner, Metric
 from fastai.callback.core import Callback, CancelFitException
@@ -31,7 +31,8 @@ from .models import create_model
 from .data import ImageFolderDataset, PretrainDL, UNREADABLE, eval_transform, pretrain_transform, show_images
 from .pretrain import (AnyDeviceMixedPrecision, ShardedTrainer, PretrainCheckpoint, RestoreState, SkipEpochs, RunLog,
                                   adamw as _adamw, lr_schedule, atomic_save, unwrap, launch_setup, seed_rank,
-                                  load_checkpoint as load_own_checkpoint, UserError, check_args, prepare_output, run_cli,
+                                  load_checkpoint as load_own_checkpoint, UserError, check_args, check_output, prepare_output, run_cli,
+                                  call_parse_exact,
                                   console_progress)
 from fastai.distributed import rank_distrib, num_distrib
 from fastai.callback.progress import CSVLogger, ProgressCallback
@@ -583,7 +584,7 @@ def finetune(data, preset: str='cpu', checkpoint=None, output_dir=None, reset_he
     c = {**FINETUNE_PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
     check_settings(c, seed)
     if resume and not output_dir: output_dir = Path(resume).expanduser().parent   # a resumed run goes on in its folder
-    out = prepare_output(output_dir, resume, overwrite) if output_dir else None     # relative to the working directory
+    if output_dir: check_output(output_dir, resume, overwrite)  # refuse a folder holding another run, touching nothing yet
     ck = load_checkpoint(checkpoint, trusted=trusted) if checkpoint and not resume else None  # a bad file stops here, before the data
     rank, world, device = launch_setup(seed, device)  # seeds torch: init, erasing, drop path; Python: RandAugment; NumPy: Mixup
     dls = finetune_dls(data, c['img_size'], c['bs'], c['aa'] or None, c['reprob'], c.get('crop_pct'), num_workers=c['num_workers'],
@@ -592,6 +593,7 @@ def finetune(data, preset: str='cpu', checkpoint=None, output_dir=None, reset_he
     model = create_model(c['model'], num_classes=n_cls, img_size=c['img_size'], drop_path_rate=c['drop_path'])
     if ck is not None:
         load_pretrained(model, ck, reset_head=reset_head, verbose=verbose and rank == 0, from_ema=from_ema, source=str(checkpoint))
+    out = prepare_output(output_dir, resume, overwrite) if output_dir else None  # inputs checked: now the folder (relative to the working directory)
     if world > 1: seed_rank(seed)  # once the model is built: each rank its own augmentations, Mixup and drop paths (seed + rank)
     cbs = list(cbs or [])
     if out is not None:
@@ -645,15 +647,16 @@ def print_results(learn: Learner):
 
 def _finetune_cli(data, preset, checkpoint, output_dir, resume, overwrite, reset_head, trusted, from_ema, device, seed, **ov):
     one_line_warnings()
+    if output_dir is None and resume is None: output_dir = 'runs/finetune'  # a command always keeps what it trained
     learn = finetune(data, preset, checkpoint=checkpoint, output_dir=output_dir, reset_head=reset_head, trusted=trusted,
                      resume=resume, device=device, seed=seed, overwrite=overwrite, from_ema=from_ema, progress='auto', **ov)
     print_results(learn)
 
-@call_parse
+@call_parse_exact
 def main(data: Param("dataset root with train/ and val/ class folders (ImageNet layout)", str),
          preset: Param("settings preset: 'cpu' or 'official'", str)='cpu',
          checkpoint: Param("checkpoint to start from: this package's (also MoR), Alpha-VL's or EasyCV's (.pth/.pt/.safetensors)", str)=None,
-         output_dir: Param("where to write checkpoint-latest.pth, finetuned.pth and history.csv (relative to the working directory)", str)=None,
+         output_dir: Param("where to write checkpoint-latest.pth, finetuned.pth and history.csv (default runs/finetune; with --resume, its folder)", str)=None,
          resume: Param("checkpoint-latest.pth of an interrupted run to continue (same settings; default output: its folder)", str)=None,
          overwrite: Param("replace the run already in --output_dir", store_true)=False,
          reset_head: Param("re-initialise a checkpoint head whose number of classes differs", store_true)=False,

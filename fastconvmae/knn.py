@@ -11,12 +11,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
-from fastcore.script import call_parse, Param, store_true
+from fastcore.script import Param, store_true
 from fastai.learner import Metric
 from fastai.distributed import rank_distrib
 from .data import UNREADABLE
 from .models import create_model
-from .pretrain import unwrap, isolated_rng, UserError, check_args, run_cli
+from .pretrain import unwrap, isolated_rng, UserError, check_args, run_cli, call_parse_exact
 from .finetune import finetune_eval_transform, classifier_dls, load_pretrained, load_checkpoint, classifier_archs
 
 # %% auto #0
@@ -135,7 +135,7 @@ def _knn_cli(data, checkpoint=None, model=None, img_size=None, k=20, temperature
     print(json.dumps(dict(model=model, img_size=img_size, checkpoint=str(checkpoint) if checkpoint else None, seed=seed, k=k, temperature=temperature,
                           **{n: round(v, 4) if isinstance(v, float) else v for n, v in res.items()})))
 
-@call_parse
+@call_parse_exact
 def main(data: Param("dataset root with train/ (memory bank) and val/ (queries) class folders (ImageNet layout)", str),
          checkpoint: Param("checkpoint to score (this package's, also MoR; Alpha-VL's; EasyCV's); none: random init", str)=None,
          model: Param("encoder: convvit_base_patch16, convvit_small_patch16 or convvit_tiny_patch16 (default: the checkpoint's)", str)=None,

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
-from fastcore.script import call_parse, Param, store_true
+from fastcore.script import Param, store_true
 from fastai.learner import Learner
 from fastai.optimizer import OptimWrapper
 from fastai.distributed import rank_distrib, num_distrib
@@ -22,7 +22,7 @@ from .encoder import ConvViT
 from .models import create_model
 from .data import pretrain_transform, UNREADABLE
 from .pretrain import (ShardedTrainer, RunLog, atomic_save, unwrap, launch_setup, seed_rank, UserError, check_args,
-                                  prepare_output, run_cli)
+                                  check_output, prepare_output, run_cli, call_parse_exact)
 from .finetune import (load_checkpoint, load_pretrained, classifier_dls, finetune_eval_transform, SoftTargetLoss, TopK,
                                   CheckClasses, UnscoredReport, check_classes, check_settings, precision_cbs, scaled_lr, results,
                                   FinetuneCheckpoint, one_line_warnings, print_results, _progress, _resume)
@@ -86,7 +86,7 @@ def linprobe(data, preset: str='cpu', checkpoint=None, output_dir=None, trusted:
     c = {**LINPROBE_PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
     check_settings(c, seed)
     if resume and not output_dir: output_dir = Path(resume).expanduser().parent
-    out = prepare_output(output_dir, resume, overwrite) if output_dir else None  # relative to the working directory
+    if output_dir: check_output(output_dir, resume, overwrite)  # refuse a folder holding another run, touching nothing yet
     ck = load_checkpoint(checkpoint, trusted=trusted) if checkpoint and not resume else None
     rank, world, device = launch_setup(seed, device)
     dls = linprobe_dls(data, c['img_size'], c['bs'], c.get('crop_pct'), num_workers=c['num_workers'], seed=seed, device=device,
@@ -94,6 +94,7 @@ def linprobe(data, preset: str='cpu', checkpoint=None, output_dir=None, trusted:
     n_cls = len(dls.train.vocab)
     model = create_model(c['model'], num_classes=n_cls, img_size=c['img_size'])
     if ck is not None: load_pretrained(model, ck, reset_head=True, verbose=verbose and rank == 0, from_ema=from_ema, source=str(checkpoint))
+    out = prepare_output(output_dir, resume, overwrite) if output_dir else None  # inputs checked: now the folder (relative to the working directory)
     if world > 1: seed_rank(seed)  # once the model is built: each rank its own augmentations (seed + rank)
     cbs = list(cbs or [])
     if out is not None:
@@ -187,16 +188,17 @@ def _linprobe_cli(data, checkpoint, preset, quick, output_dir, resume, overwrite
         launch_setup(seed)
         return quick_probe(data, checkpoint, c['model'], c['img_size'], c['bs'], ov.get('num_workers') or 0,
                            wd, c['precision'], trusted, device or ('cuda' if torch.cuda.is_available() else 'cpu'), from_ema=from_ema)
+    if output_dir is None and resume is None: output_dir = 'runs/linprobe'  # a command always keeps what it trained
     learn = linprobe(data, preset, checkpoint=checkpoint, output_dir=output_dir, trusted=trusted, device=device, seed=seed,
                      resume=resume, overwrite=overwrite, from_ema=from_ema, progress='auto', **ov)
     print_results(learn)
 
-@call_parse
+@call_parse_exact
 def main(data: Param("dataset root with train/ and val/ class folders (ImageNet layout)", str),
          checkpoint: Param("checkpoint to probe: this package's (also MoR), Alpha-VL's or EasyCV's (.pth/.pt/.safetensors)", str)=None,
          preset: Param("settings preset: 'cpu' or 'official'", str)='cpu',
          quick: Param("quick probe: extract features once, fit a logistic regression", store_true)=False,
-         output_dir: Param("where to write checkpoint-latest.pth, linprobe.pth and history.csv (relative to the working directory)", str)=None,
+         output_dir: Param("where to write checkpoint-latest.pth, linprobe.pth and history.csv (default runs/linprobe; with --resume, its folder)", str)=None,
          resume: Param("checkpoint-latest.pth of an interrupted probe to continue (default output: its folder)", str)=None,
          overwrite: Param("replace the run already in --output_dir", store_true)=False,
          trusted: Param("unpickle the checkpoint fully (ONLY for files you trust)", store_true)=False,

@@ -5,15 +5,15 @@
 # %% ../nbs/05_pretrain.ipynb #750b19bf
 from __future__ import annotations
 import fastconvmae  # first: its import quiets a FutureWarning fastai triggers in torch.jit
-import contextlib, logging, math, os, random, re, shutil, signal, sys, time, warnings
+import argparse, contextlib, difflib, inspect, logging, math, os, random, re, shutil, signal, sys, time, warnings
 from dataclasses import dataclass, asdict, replace, fields
-from functools import partial
+from functools import partial, wraps
 from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
 from fastcore.basics import store_attr
-from fastcore.script import call_parse, bool_arg
+from fastcore.script import anno_parser, bool_arg
 from fastai.learner import Learner
 from fastai.data.core import DataLoaders
 from fastai.callback.core import Callback, CancelFitException, CancelEpochException
@@ -35,8 +35,9 @@ __all__ = ['PRESETS', 'MODEL_FIELDS', 'RUN_FILES', 'PretrainRecipe', 'pretrain_p
            'isolated_rng', 'all_rng_states', 'atomic_save', 'load_checkpoint', 'PretrainCheckpoint', 'SkipEpochs',
            'RestoreState', 'RunLog', 'ShardedTrainer', 'ReconstructionFigure', 'mae_loss', 'pretrain_learner',
            'describe_recipe', 'check_resume', 'fit_pretrain', 'launch_setup', 'seed_rank', 'UserError', 'check_args',
-           'run_files', 'clean_stale_tmp', 'prepare_output', 'run_cli', 'EpochLines', 'console_progress',
-           'pretrain_archs', 'recipe_from_args', 'keep_published_batch', 'pretrain', 'main']
+           'run_files', 'clean_stale_tmp', 'check_output', 'prepare_output', 'check_mode_options', 'run_cli',
+           'exact_parser', 'call_parse_exact', 'EpochLines', 'console_progress', 'pretrain_archs', 'recipe_from_args',
+           'keep_published_batch', 'pretrain', 'main']
 
 # %% ../nbs/05_pretrain.ipynb #d9a33f3f
 @dataclass
@@ -420,10 +421,10 @@ def check_args(**named) -> None:
 #: files that mark a folder as holding a run
 RUN_FILES = re.compile(r'^(checkpoint-(latest|\d+)\.pth|log\.csv|history\.csv|finetuned\.pth|linprobe\.pth)$')
 
-def run_files(folder) -> list[Path]:
-    "The files of a previous run in `folder` (checkpoints and logs)."
+def run_files(folder, products=()) -> list[Path]:
+    "The files of a previous run in `folder`: checkpoints and logs, and the names in `products` (what the command writes besides)."
     folder = Path(folder)
-    return sorted(p for p in folder.iterdir() if RUN_FILES.match(p.name)) if folder.is_dir() else []
+    return sorted(p for p in folder.iterdir() if RUN_FILES.match(p.name) or p.name in products) if folder.is_dir() else []
 
 def _alive(pid: int) -> bool:
     try: os.kill(pid, 0)
@@ -442,11 +443,11 @@ def clean_stale_tmp(folder) -> list[Path]:
 
 _RUNNING = {}  # the output folder of the command being run, for the Ctrl-C message
 
-def prepare_output(output, resume=None, overwrite: bool=False) -> Path:
-    "The output folder (relative to the working directory): refuse one that holds another run unless resuming it or `overwrite`; clean stale temporary files."
+def check_output(output, resume=None, overwrite: bool=False, products=()) -> Path:
+    "Check, touching nothing, that `output` may receive this run: a folder holding another run's files (or any of `products`) is refused unless resuming it or `overwrite`."
     out = Path(output).expanduser().absolute()
     if out.exists() and not out.is_dir(): raise UserError(f"output {out} exists and is not a folder")
-    old = run_files(out)
+    old = run_files(out, products)
     res = Path(resume).expanduser().absolute() if resume else None
     if old and not overwrite:
         if res is None:
@@ -454,15 +455,30 @@ def prepare_output(output, resume=None, overwrite: bool=False) -> Path:
                             f"--resume {out / 'checkpoint-latest.pth'}, replace it with --overwrite, or choose another output folder")
         if res.parent != out:
             raise UserError(f"{out} holds another run than {res}: resume into the checkpoint's folder, or pass --overwrite")
+    return out
+
+def prepare_output(output, resume=None, overwrite: bool=False, products=('reconstructions',)) -> Path:
+    "The output folder (relative to the working directory), once every input has been checked: `check_output`, then create it; with `overwrite`, delete the earlier run's files; clean stale temporary files."
+    out = check_output(output, resume, overwrite, products)
     if not rank_distrib():
         out.mkdir(parents=True, exist_ok=True)
-        if overwrite:
-            for p in old:
-                if p != res: p.unlink()
-            if res is None: shutil.rmtree(out / 'reconstructions', ignore_errors=True)
+        res = Path(resume).expanduser().absolute() if resume else None
+        if overwrite and res is None:
+            for p in run_files(out, products):
+                if p.is_dir(): shutil.rmtree(p)
+                else: p.unlink()
         clean_stale_tmp(out)
     _RUNNING['output'] = out
     return out
+
+def check_mode_options(prog: str, mode: str, given: dict, modes: dict, hints: dict|None=None) -> None:
+    "Refuse, in one line that names the right option, what `mode` of `prog` does not take: `given` maps option names to values (None or False: not given), `modes` each mode to its options, `hints` a `(mode, option)` or an option to advice."
+    if mode not in modes: raise UserError(f"unknown mode {mode!r}: choose {', '.join(modes)}")
+    hints = hints or {}
+    for k, v in given.items():
+        if v is None or v is False or k in modes[mode]: continue
+        hint = hints.get((mode, k)) or hints.get(k) or f"it is an option of {' and '.join(m for m in modes if k in modes[m])}"
+        raise UserError(f"--{k} does not apply to `{prog} {mode}`: {hint}")
 
 def _one_line(e: BaseException) -> str:
     lines = [re.sub(r'^\s*(- )?', '', l).rstrip() for l in str(e).strip().splitlines() if l.strip(' -')]
@@ -470,7 +486,7 @@ def _one_line(e: BaseException) -> str:
     return lines[0] + (' ' + '; '.join(lines[1:]) if len(lines) > 1 else '')
 
 def run_cli(fn, *args, debug: bool=False, **kwargs) -> None:
-    "Run a command line's body: user mistakes become one `error: ...` line (exit 2), other failures one line (exit 1), Ctrl-C `interrupted; last checkpoint: ...` (exit 130); tracebacks only with `debug`."
+    "Run a command line's body: user mistakes (and missing files) become one `error: ...` line (exit 2), other failures one line (exit 1), Ctrl-C `interrupted; last checkpoint: ...` (exit 130); tracebacks only with `debug`."
     import pickle
     who = f"[rank {rank_distrib()}] " if num_distrib() > 1 else ''
     try: fn(*args, **kwargs)
@@ -485,7 +501,33 @@ def run_cli(fn, *args, debug: bool=False, **kwargs) -> None:
         user = isinstance(e, (UserError, ValueError, TypeError, OSError, pickle.UnpicklingError, ImportError))
         hint = '' if user else f" ({type(e).__name__}; rerun with --debug for the traceback)"
         print(f"{who}error: {_one_line(e)}{hint}", file=sys.stderr, flush=True)
-        sys.exit(2 if isinstance(e, UserError) else 1)
+        sys.exit(2 if isinstance(e, (UserError, FileNotFoundError, NotADirectoryError)) else 1)  # a path the user gave: their mistake
+
+def exact_parser(func, prog: str|None=None) -> argparse.ArgumentParser:
+    "fastcore's `anno_parser` for `func`, with prefix matching turned off: `--output` is never taken for `--output_dir`."
+    p = anno_parser(func, prog=prog)
+    p.allow_abbrev = False
+    def error(msg):  # one line, exit 2, and the option the user probably meant
+        opts = [o for a in p._actions for o in a.option_strings if o.startswith('--')]
+        bad = re.findall(r'(?<!\w)--[\w-]+', msg) if msg.startswith('unrecognized') else []
+        hint = '; '.join(f"did you mean {m[0]}?" for w in bad for m in [difflib.get_close_matches(w, opts, n=1, cutoff=.6)] if m)
+        print(f"error: {msg}" + (f" ({hint})" if hint else '') + f" (see {p.prog} --help)", file=sys.stderr, flush=True)
+        sys.exit(2)
+    p.error = error
+    return p
+
+def call_parse_exact(func):
+    "fastcore's `call_parse` with `exact_parser`: a console script's `main()` parses `sys.argv`; called with arguments, it is a function."
+    def _run():
+        a = vars(exact_parser(func).parse_args())
+        for k in ('pdb', 'xtra'): a.pop(k, None)
+        return func(**a)
+    @wraps(func)
+    def _f(*args, **kwargs): return func(*args, **kwargs) if args or kwargs else _run()
+    g = inspect.currentframe().f_back.f_globals   # `python -m fastconvmae.<task>` (torchrun, accelerate launch): run now
+    if g.get('__name__') == '__main__' and g.get('__file__') and Path(g['__file__']).resolve() == Path(func.__code__.co_filename).resolve():
+        return _run()
+    return _f
 
 class EpochLines(Callback):
     "One printed line per epoch (for log files and pipes) instead of fastai's live progress bar."
@@ -615,7 +657,7 @@ def pretrain(data='data', preset='cpu', targets=None, weights=None, dino_weights
     fit_pretrain(learn, resume=resume, force_resume=force_resume)
     if rank == 0: print(f"done: checkpoint-latest.pth, log.csv{', loss.png and reconstructions/' if not mor or 'pixel' in r.targets else ''} in {output}")
 
-@call_parse
+@call_parse_exact
 def main(data: str='data', # image folder: ImageNet layout (train/<class>/*, val/) or a flat folder of images
          preset: str='cpu', # recipe: cpu, fastconvmae_base, convmae_base, fastconvmae_base_ct (MoR "C+T": EMA, DINO, CLIP) or fastconvmae_base_ct_pixel
          targets: str=None, # Mixture of Reconstructors: comma-separated targets among pixel, ema, dino, clip (default: the preset's; pixel alone = plain MAE)

@@ -200,7 +200,13 @@ def test_cli_killed_then_resumed_equals_uninterrupted(tmp_path):
     p = subprocess.Popen([str(BIN / 'fastconvmae_finetune'), *args, '--output_dir', 'half'], cwd=tmp_path, env=env,
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ck, t0 = tmp_path / 'half' / 'checkpoint-latest.pth', time.time()
-    while not ck.exists() and p.poll() is None and time.time() - t0 < 300: time.sleep(0.01)
+    while p.poll() is None and time.time() - t0 < 600:
+        if ck.exists():
+            p.send_signal(signal.SIGSTOP)  # frozen while we look: a slow poll under load cannot miss the window
+            if torch.load(ck, weights_only=True)['epoch'] < 3: break
+            p.send_signal(signal.SIGCONT)
+        time.sleep(0.01)
+    if not ck.exists(): p.kill(); pytest.fail('no checkpoint within 600 s')
     p.send_signal(signal.SIGKILL); p.wait()
     assert p.returncode == -signal.SIGKILL, 'the run ended before it could be killed'
     assert not (tmp_path / 'half' / 'finetuned.pth').exists()

@@ -86,7 +86,7 @@ def test_spawned_workers_share_counts(tmp_path):
             print('SKIPPED', dls.train_ds.n_skipped)
         """)
     (tmp_path/'spawn_check.py').write_text(code)
-    res = subprocess.run([sys.executable, str(tmp_path/'spawn_check.py')], capture_output=True, text=True, timeout=300)
+    res = subprocess.run([sys.executable, str(tmp_path/'spawn_check.py')], capture_output=True, text=True, timeout=600)
     assert 'SKIPPED 1' in res.stdout, res.stdout + res.stderr
 
 def test_epoch_seeds_and_shards():

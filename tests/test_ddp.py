@@ -18,7 +18,7 @@ def test_ddp_matches_single_process(tmp_path):
     single, ddp = tmp_path / 'single', tmp_path / 'ddp'
     single.mkdir(); ddp.mkdir()
     _run([sys.executable, str(WORKER), str(single), '4'], tmp_path)
-    torchrun = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', '29517']
+    torchrun = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--standalone']
     out = _run(torchrun + [str(WORKER), str(ddp), '2'], tmp_path)
     assert 'rank 1/2' in out and 'eff batch 4' in out
     one = torch.load(single / 'rank0.pt')

@@ -168,7 +168,7 @@ def test_user_errors_in_process(syn, tmp_path, kw, msg):
 def test_cli_ddp_two_processes_gloo(syn4, tmp_path):
     "The same command line under torchrun (2 CPU processes, gloo): sharded batches, gathered COCO evaluation, one checkpoint."
     env = {**os.environ, 'OMP_NUM_THREADS': '1', 'CUDA_VISIBLE_DEVICES': '', 'PYTHONWARNINGS': 'ignore'}
-    r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', '29563',
+    r = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--standalone',
                         '-m', 'fastconvmae.detection', 'train', '--data', str(syn4), '--arch', 'tiny', '--img_size', '64',
                         '--window_size', '2', '--epochs', '1', '--bs', '2', '--output', str(tmp_path / 'run')],
                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)

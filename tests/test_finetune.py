@@ -242,7 +242,7 @@ def test_presets_official_recipe():
 
 def test_cli_help():
     for mod in ['fastconvmae.finetune', 'fastconvmae.linprobe']:
-        out = subprocess.run([sys.executable, '-m', mod, '--help'], capture_output=True, text=True, timeout=120)
+        out = subprocess.run([sys.executable, '-m', mod, '--help'], capture_output=True, text=True, timeout=300)
         assert out.returncode == 0 and '--checkpoint' in out.stdout, out.stderr[-500:]
 
 
@@ -277,10 +277,10 @@ def test_finetune_cli_ddp_two_processes(tmp_path, toy):
     "torchrun, 2 CPU processes (gloo): trains, sums the metric counts over ranks, rank 0 writes the outputs."
     import os
     env = {**os.environ, 'OMP_NUM_THREADS': '1', 'CUDA_VISIBLE_DEVICES': ''}
-    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', '29541', '-m', 'fastconvmae.finetune',
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--standalone', '-m', 'fastconvmae.finetune',
            str(toy), '--epochs', '1', '--warmup_epochs', '0.5', '--bs', '2', '--num_workers', '0', '--precision', 'fp32',
            '--output_dir', str(tmp_path / 'out')]
-    r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert r.stdout.count('"top1"') == 1   # printed by rank 0 only
     assert (tmp_path / 'out' / 'finetuned.pth').exists() and (tmp_path / 'out' / 'history.csv').exists()

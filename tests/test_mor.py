@@ -257,7 +257,7 @@ def test_cli_end_to_end(tmp_path):
             '--weights', '1,1,0.5', '--random_teachers', '--dino_model', 'vit_tiny_patch16_224', '--img_size', '64',
             '--bs', '5', '--workers', '0', '--precision', 'bf16', '--output', str(tmp_path)]
     env = {**os.environ, 'HF_HUB_OFFLINE': '1', 'PYTHONWARNINGS': 'ignore', 'OMP_NUM_THREADS': '1'}
-    p = subprocess.run(base + ['--epochs', '1'], capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    p = subprocess.run(base + ['--epochs', '1'], capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
     assert p.returncode == 0, p.stderr[-2000:]
     assert 'pixelx1+emax1+dinox0.5' in p.stdout
     header = (tmp_path / 'log.csv').read_text().splitlines()[0]
