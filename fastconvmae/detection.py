@@ -619,9 +619,9 @@ def _image_files(images) -> list[Path]:
 def predict_detection(checkpoint, images, output='predictions', score_thresh: float=0.5, device=None, trusted: bool=False,
                       max_images: int|None=None, overwrite: bool=False) -> list[Path]:
     "Detect objects in an image or a folder of images; save one figure per image (boxes, masks, labels, scores) to `output` (never over earlier figures unless `overwrite`)."
-    files = _image_files(images)[:max_images]
-    check_output(output, overwrite=overwrite, products={f'{f.stem}_pred.png' for f in files})
     model, r, cats = load_detector(checkpoint, trusted)
+    files = _image_files(images)[:max_images]
+    check_output(output, overwrite=overwrite, products={f'{f.stem}_pred.png' for f in files})  # before the folder is touched
     device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     model.to(device)
     names, out, saved = [c['name'] for c in cats], Path(output), []

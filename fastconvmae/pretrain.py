@@ -480,8 +480,21 @@ def check_mode_options(prog: str, mode: str, given: dict, modes: dict, hints: di
         hint = hints.get((mode, k)) or hints.get(k) or f"it is an option of {' and '.join(m for m in modes if k in modes[m])}"
         raise UserError(f"--{k} does not apply to `{prog} {mode}`: {hint}")
 
+def _worker_error(msg: str) -> str|None:
+    "The exception a data-loading worker raised, without the worker's traceback that PyTorch folds into the message (None if it is not one)."
+    m = re.search(r'in DataLoader worker process (\d+)\.\s*Original Traceback \(most recent call last\):\n(.*)', msg, re.S)
+    if not m: return None
+    tb = m.group(2).splitlines()
+    last = max((i for i, l in enumerate(tb) if l.startswith('  File ')), default=-1)
+    start = next((i for i in range(last + 1, len(tb)) if tb[i] and not tb[i][0].isspace()), len(tb))
+    kind, _, text = '\n'.join(tb[start:]).partition(': ')
+    kind = kind.rsplit('.', 1)[-1]
+    return text if kind in ('UserError', 'BadImageError') else f"{text} ({kind} in data-loading worker {m.group(1)})"
+
 def _one_line(e: BaseException) -> str:
-    lines = [re.sub(r'^\s*(- )?', '', l).rstrip() for l in str(e).strip().splitlines() if l.strip(' -')]
+    msg = str(e).strip()
+    msg = _worker_error(msg) or msg
+    lines = [re.sub(r'^\s*(- )?', '', l).rstrip() for l in msg.strip().splitlines() if l.strip(' -')]
     if not lines: return type(e).__name__
     return lines[0] + (' ' + '; '.join(lines[1:]) if len(lines) > 1 else '')
 
