@@ -119,20 +119,26 @@ class CocoInstances(torch.utils.data.Dataset):
         return t
 
     def __getitem__(self, i: int):
+        last = None
         for k in range(self.max_tries):
             j = (i + k) % len(self)
             if self.skips[j]: continue
             info = self.coco.imgs[self.ids[j]]
-            try: img = load_rgb(self.images / info['file_name'])
+            f = self.images / info['file_name']
+            try:
+                img = load_rgb(f)
+                if (img.height, img.width) != (info['height'], info['width']):  # the masks are drawn on the annotation's canvas
+                    raise BadImageError(f"image {f} is {img.width} x {img.height} but its annotations give {info['width']} x {info['height']}")
             except BadImageError as e:
-                warnings.warn(f"skipping unreadable image: {e}", BadImageWarning); self.skips[j] += 1; continue
+                last = e; warnings.warn(f"skipping unreadable image: {e}", BadImageWarning); self.skips[j] += 1; continue
             img = tv_tensors.Image(TF.pil_to_tensor(img))
             h, w = img.shape[-2:]
             t = self.target(self.ids[j], h, w)
             t.update(image_id=torch.tensor(self.ids[j]), orig_size=torch.tensor([h, w]), scale=torch.tensor(1.))
             if self.tfm is not None: img, t = self.tfm(img, t)
             return TF.to_dtype(img, torch.float32, scale=True).as_subclass(Tensor), t
-        raise BadImageError(f"{self.max_tries} images in a row from {self.images} could not be read")
+        first = self.images / self.coco.imgs[self.ids[i % len(self)]]['file_name']
+        raise BadImageError(f"{self.max_tries} images in a row from {first} could not be read" + (f"; the last problem: {last}" if last else ''))
 
 # %% ../nbs/10_detection.ipynb #7c405313
 MEAN_FILL = [round(255 * m) for m in IMAGENET_DEFAULT_MEAN]

@@ -35,9 +35,9 @@ __all__ = ['PRESETS', 'MODEL_FIELDS', 'RUN_FILES', 'PretrainRecipe', 'pretrain_p
            'isolated_rng', 'all_rng_states', 'atomic_save', 'load_checkpoint', 'PretrainCheckpoint', 'SkipEpochs',
            'RestoreState', 'RunLog', 'ShardedTrainer', 'ReconstructionFigure', 'mae_loss', 'pretrain_learner',
            'describe_recipe', 'check_resume', 'fit_pretrain', 'launch_setup', 'seed_rank', 'UserError', 'check_args',
-           'run_files', 'clean_stale_tmp', 'check_output', 'prepare_output', 'check_mode_options', 'run_cli',
-           'exact_parser', 'call_parse_exact', 'EpochLines', 'console_progress', 'pretrain_archs', 'recipe_from_args',
-           'keep_published_batch', 'pretrain', 'main']
+           'run_files', 'clean_stale_tmp', 'check_output', 'prepare_output', 'check_mode_options', 'worker_message',
+           'run_cli', 'exact_parser', 'call_parse_exact', 'EpochLines', 'console_progress', 'pretrain_archs',
+           'recipe_from_args', 'keep_published_batch', 'pretrain', 'main']
 
 # %% ../nbs/05_pretrain.ipynb #d9a33f3f
 @dataclass
@@ -471,29 +471,29 @@ def prepare_output(output, resume=None, overwrite: bool=False, products=('recons
     _RUNNING['output'] = out
     return out
 
-def check_mode_options(prog: str, mode: str, given: dict, modes: dict, hints: dict|None=None) -> None:
+def check_mode_options(prog: str, mode: str, given: dict, modes: dict, hints: dict|None=None, what: str='mode') -> None:
     "Refuse, in one line that names the right option, what `mode` of `prog` does not take: `given` maps option names to values (None or False: not given), `modes` each mode to its options, `hints` a `(mode, option)` or an option to advice."
-    if mode not in modes: raise UserError(f"unknown mode {mode!r}: choose {', '.join(modes)}")
+    if mode not in modes: raise UserError(f"unknown {what} {mode!r}: choose {', '.join(modes)}")
     hints = hints or {}
     for k, v in given.items():
         if v is None or v is False or k in modes[mode]: continue
         hint = hints.get((mode, k)) or hints.get(k) or f"it is an option of {' and '.join(m for m in modes if k in modes[m])}"
         raise UserError(f"--{k} does not apply to `{prog} {mode}`: {hint}")
 
-def _worker_error(msg: str) -> str|None:
+def worker_message(msg: str) -> str|None:
     "The exception a data-loading worker raised, without the worker's traceback that PyTorch folds into the message (None if it is not one)."
-    m = re.search(r'in DataLoader worker process (\d+)\.\s*Original Traceback \(most recent call last\):\n(.*)', msg, re.S)
+    m = re.search(r'in DataLoader worker process (\d+)\.\s*Original (.*)', msg, re.S)
     if not m: return None
-    tb = m.group(2).splitlines()
+    tb = m.group(2).rsplit('Traceback (most recent call last):\n', 1)[-1].splitlines()  # the last exception of a chain
     last = max((i for i, l in enumerate(tb) if l.startswith('  File ')), default=-1)
     start = next((i for i in range(last + 1, len(tb)) if tb[i] and not tb[i][0].isspace()), len(tb))
     kind, _, text = '\n'.join(tb[start:]).partition(': ')
-    kind = kind.rsplit('.', 1)[-1]
-    return text if kind in ('UserError', 'BadImageError') else f"{text} ({kind} in data-loading worker {m.group(1)})"
+    if kind.startswith('fastconvmae.'): return text  # our own errors name the file and the problem
+    return f"{text} ({kind.rsplit('.', 1)[-1]} in data-loading worker {m.group(1)})"
 
 def _one_line(e: BaseException) -> str:
     msg = str(e).strip()
-    msg = _worker_error(msg) or msg
+    msg = worker_message(msg) or msg
     lines = [re.sub(r'^\s*(- )?', '', l).rstrip() for l in msg.strip().splitlines() if l.strip(' -')]
     if not lines: return type(e).__name__
     return lines[0] + (' ' + '; '.join(lines[1:]) if len(lines) > 1 else '')

@@ -4,7 +4,7 @@
 
 # %% ../nbs/11_segmentation.ipynb #12d0c357
 from __future__ import annotations
-import json, math, os, time, warnings
+import json, math, os, re, sys, time, warnings
 from dataclasses import dataclass, asdict, replace, fields
 from functools import partial
 from pathlib import Path
@@ -17,7 +17,7 @@ from PIL import Image
 import matplotlib.pyplot as plt
 from torchvision.transforms.v2 import functional as TF
 from fastcore.basics import store_attr
-from fastcore.script import call_parse, Param, store_true
+from fastcore.script import Param, store_true
 from fastai.learner import Learner, Metric
 from fastai.data.core import DataLoaders
 from fastai.callback.core import Callback
@@ -31,19 +31,21 @@ from .data import ImageFolderDataset, BadImageError, BadImageWarning, BadImageRe
 from .pretrain import (AnyDeviceMixedPrecision, ShardedTrainer, PretrainCheckpoint, RestoreState, SkipEpochs, StopOnNonFinite,
                                   NonFiniteLossError, RunLog, atomic_save, unwrap, launch_setup, seed_rank, check_resume,
                                   _load_model_state, load_checkpoint as load_own_checkpoint, UserError, check_args,
-                                  prepare_output, run_cli, console_progress, keep_published_batch)
+                                  check_output, prepare_output, run_cli, console_progress, keep_published_batch, worker_message,
+                                  check_mode_options, call_parse_exact)
 from .finetune import convvit_layer_id, LayerGroups, adamw
 from .backbone import convvit_seg, load_backbone
 
 # %% auto #0
-__all__ = ['IMG_EXTS', 'SEG_PRESETS', 'find_seg_pairs', 'load_label', 'SegDataset', 'read_classes', 'rescale_size', 'resize_pair',
-           'random_crop_box', 'photometric_distortion', 'normalize', 'SegTrainTransform', 'SegEvalTransform', 'palette',
-           'colorize', 'overlay', 'IterDL', 'ValidDL', 'seg_dls', 'resize', 'ConvModule', 'PPM', 'SegHead', 'UPerHead',
-           'FCNHead', 'draw_upernet', 'backbone_channels', 'UperNet', 'SegLoss', 'slide_windows', 'slide_inference',
-           'seg_inference', 'confusion_matrix', 'seg_scores', 'init_distributed', 'SegConfusion', 'SegScore',
-           'seg_metrics', 'seg_layer_id', 'seg_param_groups', 'poly_lr', 'SegRecipe', 'seg_learner', 'fit_segment',
-           'create_segmentor', 'save_segmenter', 'load_segmenter', 'segment', 'evaluate_segmenter', 'predict_masks',
-           'show_predictions', 'main']
+__all__ = ['IMG_EXTS', 'LABEL_MODES', 'PAD_LABEL', 'SEG_PRESETS', 'SEGMENT_MODES', 'find_seg_pairs', 'load_label', 'SegDataError',
+           'SegDataset', 'read_classes', 'rescale_size', 'resize_pair', 'random_crop_box', 'photometric_distortion',
+           'normalize', 'SegTrainTransform', 'SegEvalTransform', 'palette', 'colorize', 'overlay', 'IterDL',
+           'pad_collate', 'ValidDL', 'seg_dls', 'resize', 'ConvModule', 'PPM', 'SegHead', 'UPerHead', 'FCNHead',
+           'draw_upernet', 'backbone_channels', 'UperNet', 'SegLoss', 'slide_windows', 'slide_inference',
+           'seg_inference', 'seg_predict', 'confusion_matrix', 'seg_scores', 'init_distributed', 'SegConfusion',
+           'SegScore', 'seg_metrics', 'seg_layer_id', 'seg_param_groups', 'poly_lr', 'SegRecipe', 'seg_learner',
+           'fit_segment', 'create_segmentor', 'save_segmenter', 'load_segmenter', 'segment', 'evaluate_segmenter',
+           'predict_masks', 'show_predictions', 'main']
 
 # %% ../nbs/11_segmentation.ipynb #1f623600
 IMG_EXTS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
@@ -65,13 +67,23 @@ def find_seg_pairs(root, split: str='training', img_dir: str='images', ann_dir: 
     return list(imgs), list(anns)
 
 # %% ../nbs/11_segmentation.ipynb #8afe45f9
+LABEL_MODES = ('1', 'L', 'P', 'I', 'I;16', 'I;16B', 'I;16L')  # PIL modes that hold one integer per pixel
+
+def _label_array(im: Image.Image) -> np.ndarray:
+    "Class indices of a label image as int64: one channel as stored; an alpha channel dropped; a colour image only if grey"
+    if im.mode in ('LA', 'PA'): im = im.getchannel(0)
+    if im.mode in ('RGB', 'RGBA'):
+        a = np.asarray(im.convert('RGB'))
+        if (a != a[..., :1]).any():
+            raise ValueError(f"a label map must hold class indices in one channel (L, P or 16-bit PNG), got a colour {im.mode} image")
+        return a[..., 0].astype(np.int64)
+    if im.mode not in LABEL_MODES: raise ValueError(f"a label map must be single-channel (L, P or 16-bit), got {im.mode}")
+    return np.array(im, dtype=np.int64)
+
 def load_label(path, reduce_zero_label: bool=True, ignore_index: int=255) -> np.ndarray:
     "Label map of `path` as an [H, W] int64 array (0 -> `ignore_index`, others - 1 if `reduce_zero_label`); `BadImageError` if unreadable"
     try:
-        with Image.open(path) as im:
-            if im.mode not in ('L', 'P', 'I', 'I;16', 'I;16B', 'I;16L'):
-                raise ValueError(f"a label map must be single-channel (L, P or I mode), got {im.mode}")
-            a = np.array(im, dtype=np.int64)
+        with Image.open(path) as im: a = _label_array(im)
     except Exception as e: raise BadImageError(f"cannot read label map {path}: {type(e).__name__}: {e}") from e
     if reduce_zero_label:  # ADE20K convention: 0 is 'unlabelled'
         a = a - 1
@@ -79,15 +91,20 @@ def load_label(path, reduce_zero_label: bool=True, ignore_index: int=255) -> np.
     return a
 
 # %% ../nbs/11_segmentation.ipynb #feec7791
+class SegDataError(RuntimeError):
+    "A pair of files from which the segmentation data could not be made; the message names the file"
+
 class SegDataset(ImageFolderDataset):
-    "(image, label map) pairs of one split of an ADE20K-layout folder as `tfm(img, label)`; unreadable pairs are skipped and counted"
+    "(image, label map) pairs of one split of an ADE20K-layout folder as `tfm(img, label)`; unreadable pairs are replaced (or marked) and counted"
     def __init__(self, root, split: str='training', tfm=None, reduce_zero_label: bool=True, ignore_index: int=255,
-                 classes=None, max_tries: int=64):
+                 classes=None, max_tries: int=64, unreadable: str='replace'):
+        if unreadable not in ('replace', 'mark'): raise ValueError(f"unreadable must be 'replace' or 'mark', got {unreadable!r}")
         self.root = Path(root).expanduser()
         self.files, self.labels = find_seg_pairs(self.root, split)  # `labels`: the label-map file of each image
-        self.split, self.tfm, self.max_tries, self.with_label = split, tfm, max_tries, True
+        self.split, self.tfm, self.max_tries, self.with_label, self.unreadable = split, tfm, max_tries, True, unreadable
         self.reduce_zero_label, self.ignore_index = reduce_zero_label, ignore_index
         self.classes = list(classes) if classes is not None else read_classes(self.root)
+        self.last_problem = None  # what made the last pair unreadable (in this process)
         self._reset_counts()
 
     def __repr__(self): return f"{type(self).__name__}({self.root}, {self.split}, {len(self)} images, {len(self.classes)} classes)"
@@ -99,17 +116,39 @@ class SegDataset(ImageFolderDataset):
                 img, lbl = load_rgb(self.files[j]), load_label(self.labels[j], self.reduce_zero_label, self.ignore_index)
                 if lbl.shape != (img.height, img.width):
                     raise BadImageError(f"label map {self.labels[j]} is {lbl.shape[1]}x{lbl.shape[0]} but its image is {img.width}x{img.height}")
-                return img, lbl
-            except BadImageError as e: warnings.warn(f"skipping unreadable pair: {e}", BadImageWarning)
+                return img, self._named_classes(lbl, j)
+            except BadImageError as e:
+                self.last_problem = str(e)
+                warnings.warn(f"skipping unreadable pair: {e}", BadImageWarning)
+        else: self.last_problem = f"{self.files[j]} was found unreadable before"
         self.skips[j] += 1
 
-    def __getitem__(self, i: int):
+    def _named_classes(self, lbl: np.ndarray, j: int) -> np.ndarray:
+        "`lbl` with the values beyond the named classes set to `ignore_index` (with a warning)"
+        K = len(self.classes)
+        if K and (bad := (lbl >= K) & (lbl != self.ignore_index)).any():
+            warnings.warn(f"label map {self.labels[j]}: {int(bad.sum())} pixel(s) of a class >= {K} (the number of named classes) are ignored")
+            lbl[bad] = self.ignore_index
+        return lbl
+
+    def _pair(self, i: int):
+        "(index, (image, label)) of item `i`: the next readable pair, or for `unreadable='mark'` a blank one that counts for nothing"
         n = len(self)
+        if self.unreadable == 'mark':
+            j = int(i) % n
+            return j, self.load(j) or (Image.new('RGB', (32, 32)), np.full((32, 32), self.ignore_index, np.int64))
         for k in range(min(self.max_tries, n)):
-            if (pair := self.load((int(i) + k) % n)) is not None: break
-        else: raise RuntimeError(f"{self.max_tries} consecutive unreadable pairs from {self.files[int(i) % n]}: is {self.root} corrupt?")
-        img, lbl = TF.pil_to_tensor(pair[0]), torch.from_numpy(pair[1])
-        return self.tfm(img, lbl) if self.tfm is not None else (img, lbl)
+            j = (int(i) + k) % n
+            if (pair := self.load(j)) is not None: return j, pair
+        raise BadImageError(f"no readable pair among {min(self.max_tries, n)} in a row from {self.files[int(i) % n]} "
+                            f"(the last problem: {self.last_problem}): is {self.root} corrupt?")
+
+    def __getitem__(self, i: int):
+        j, (img, lbl) = self._pair(i)
+        img, lbl = TF.pil_to_tensor(img), torch.from_numpy(lbl)
+        if self.tfm is None: return img, lbl
+        try: return self.tfm(img, lbl)
+        except Exception as e: raise SegDataError(f"cannot transform {self.files[j]} ({img.shape[2]}x{img.shape[1]}): {type(e).__name__}: {e}") from e
 
 def read_classes(root) -> list[str]:
     "Class names from `root/classes.txt` (one a line, without 'unlabelled'), or ADE20K's `objectInfo150.txt`, or `[]`"
@@ -231,19 +270,33 @@ class IterDL(PretrainDL):
         return [i for b in range(0, total, bs * W) for i in idxs[b + self.rank * bs:b + (self.rank + 1) * bs]]
     def new(self, dataset=None, cls=None, **kwargs): return super().new(dataset, cls, **{'n_iter': self.n_iter, **kwargs})
 
+PAD_LABEL = -1  # the label of an evaluation batch's padding: not a pixel, never scored, never in the loss
+
+def pad_collate(items) -> tuple[Tensor, Tensor, Tensor]:
+    "(images [B, 3, h, w], sizes [B, 4], labels [B, H, W]) of (image, label) pairs of any sizes: images zero-padded, labels padded with `PAD_LABEL`; sizes = each image's (h, w, H, W)"
+    imgs, lbls = [it[0] for it in items], [it[1] for it in items]
+    sizes = torch.tensor([(*x.shape[-2:], *y.shape[-2:]) for x, y in zip(imgs, lbls)], dtype=torch.int64)
+    h, w, H, W = sizes.max(0).values.tolist()
+    x, y = imgs[0].new_zeros(len(imgs), imgs[0].shape[0], h, w), lbls[0].new_full((len(lbls), H, W), PAD_LABEL)
+    for k, (a, b) in enumerate(zip(imgs, lbls)):
+        x[k, :, :a.shape[-2], :a.shape[-1]], y[k, :b.shape[-2], :b.shape[-1]] = a, b
+    return x, sizes, y
+
 class ValidDL(PretrainDL):
-    "Evaluation loader: every image once, in order, the images split among processes without padding"
+    "Evaluation loader: every image once, in order, the images split among processes without padding; batches of any sizes (`pad_collate`)"
     def get_idxs(self) -> list[int]: return list(range(len(self.dataset)))[self.rank::self.world_size]
     def __len__(self): return math.ceil(len(range(len(self.dataset))[self.rank::self.world_size]) / self.bs)
+    def create_batch(self, b): return pad_collate(b)
 
 # %% ../nbs/11_segmentation.ipynb #b6e1c48a
 def seg_dls(path, crop=512, scale=(2048, 512), bs: int=2, n_iter: int=16000, valid_bs: int=1, ratio_range=(0.5, 2.0),
             cat_max_ratio: float=0.75, reduce_zero_label: bool=True, num_workers: int|None=None, seed: int=0, device=None,
             rank: int=0, world_size: int=1, n_valid: int|None=None, train_split: str='training', valid_split: str='validation') -> DataLoaders:
-    "fastai `DataLoaders` of an ADE20K-layout folder: `n_iter` augmented training batches per epoch, whole validation images"
+    "fastai `DataLoaders` of an ADE20K-layout folder: `n_iter` augmented training batches per epoch, whole validation images (any sizes)"
     crop = (crop, crop) if isinstance(crop, int) else tuple(crop)
     train_ds = SegDataset(path, train_split, SegTrainTransform(crop, scale, ratio_range, cat_max_ratio), reduce_zero_label)
-    valid_ds = SegDataset(path, valid_split, SegEvalTransform(scale), reduce_zero_label, classes=train_ds.classes)
+    valid_ds = SegDataset(path, valid_split, SegEvalTransform(scale), reduce_zero_label, classes=train_ds.classes,
+                          unreadable='mark')  # an unreadable validation pair counts for nothing
     if n_valid and n_valid < len(valid_ds):  # a fixed, evenly spaced subset for quick runs
         valid_ds = valid_ds.subset(np.linspace(0, len(valid_ds) - 1, n_valid).round().astype(int))
     device = default_device() if device is None else torch.device(device)
@@ -381,9 +434,10 @@ class UperNet(nn.Module):
         out = up(self.decode_head(feats))
         return (out, up(self.auxiliary_head(feats[self.aux_index]))) if aux else out
 
-    def forward(self, x: Tensor):
+    def forward(self, x: Tensor, sizes: Tensor|None=None):
+        "Training: logits (and auxiliary logits). Evaluation: `inference` of `x`, or with `sizes` (a padded batch) `predict`'s logits at each label's size"
         if self.training: return self.encode_decode(x, aux=self.auxiliary_head is not None)
-        return self.inference(x, **self.test_cfg)
+        return self.inference(x, **self.test_cfg) if sizes is None else self.predict(x, sizes, **self.test_cfg)
 
 # %% ../nbs/11_segmentation.ipynb #326964be
 class SegLoss:
@@ -393,10 +447,13 @@ class SegLoss:
 
     def ce(self, logits: Tensor, y: Tensor) -> Tensor:
         logits = resize(logits.float(), y.shape[-2:])
-        loss = F.cross_entropy(logits, y, ignore_index=self.ignore_index, reduction='none')  # [B, H, W], 0 where ignored
-        if self.reduction == 'none': return loss.flatten(1).mean(1)
-        if self.avg_non_ignore: return loss.sum() / (y != self.ignore_index).sum().clamp(min=1)
-        return loss.mean()
+        pad = y < 0                                                 # `PAD_LABEL`: outside every image
+        loss = F.cross_entropy(logits, y.masked_fill(pad, self.ignore_index), ignore_index=self.ignore_index,
+                               reduction='none')                   # [B, H, W], 0 where ignored or padded
+        n = (~pad).flatten(1).sum(1)                                # pixels of each image
+        if self.reduction == 'none': return loss.flatten(1).sum(1) / n.clamp(min=1)
+        if self.avg_non_ignore: return loss.sum() / ((y != self.ignore_index) & ~pad).sum().clamp(min=1)
+        return loss.sum() / n.sum().clamp(min=1)
 
     def __call__(self, pred, y: Tensor) -> Tensor:
         if isinstance(pred, (tuple, list)): return self.ce(pred[0], y) + self.aux_weight * self.ce(pred[1], y)
@@ -441,6 +498,24 @@ def seg_inference(model: UperNet, x: Tensor, mode: str='whole', crop=512, stride
     return p.log()
 
 UperNet.inference = seg_inference
+
+# %% ../nbs/11_segmentation.ipynb #b9195dbb
+def seg_predict(model: UperNet, x: Tensor, sizes: Tensor, mode: str='whole', crop=512, stride=341, flip: bool=False) -> Tensor:
+    "Logits [B, K, max H, max W] of a padded batch: each image inferred on its own (h, w) pixels, resized to its own (H, W), zero beyond"
+    rows = sizes.tolist()
+    out = x.new_zeros(len(x), model.num_classes, max(r[2] for r in rows), max(r[3] for r in rows), dtype=torch.float32)
+    groups = {}
+    for k, r in enumerate(rows): groups.setdefault(tuple(r), []).append(k)  # images of one size run together
+    for (h, w, H, W), idx in groups.items():
+        xi = x[idx, :, :h, :w]
+        logits = resize(_infer(model, xi, mode, crop, stride), (H, W))
+        if flip:
+            flipped = resize(_infer(model, xi.flip(-1), mode, crop, stride), (H, W)).flip(-1)
+            logits = ((logits.softmax(1) + flipped.softmax(1)) / 2).log()
+        out[idx, :, :H, :W] = logits
+    return out
+
+UperNet.predict = seg_predict
 
 # %% ../nbs/11_segmentation.ipynb #1aec87dd
 def confusion_matrix(pred: Tensor, target: Tensor, num_classes: int, ignore_index: int=255) -> Tensor:
@@ -670,9 +745,10 @@ def load_segmenter(path, device='cpu', **test_cfg) -> tuple[UperNet, dict]:
 # %% ../nbs/11_segmentation.ipynb #880dd8d0
 def segment(data, preset: str='cpu', checkpoint=None, output=None, resume=None, force_resume: bool=False, seed: int=0, device=None,
             num_workers: int|None=None, n_valid: int|None=None, num_classes: int|None=None, trusted: bool=False,
-            verbose: bool=True, fit: bool=True, cbs=None, **overrides) -> Learner:
-    "Train UperNet on the ADE20K-layout folder `data` with `preset` (+ `overrides`), the backbone from `checkpoint` if given"
+            verbose: bool=True, fit: bool=True, cbs=None, overwrite: bool=False, **overrides) -> Learner:
+    "Train UperNet on the ADE20K-layout folder `data` with `preset` (+ `overrides`), the backbone from `checkpoint` if given; `output` may not hold another run unless `overwrite`"
     r = _recipe(preset, **overrides)
+    if output is not None: check_output(output, resume, overwrite)  # refuse a folder holding another run, touching nothing yet
     rank, world, device = launch_setup(seed, device)
     dls = seg_dls(data, r.crop, r.scale, r.bs, r.eval_interval * r.accum, r.valid_bs, r.ratio_range, r.cat_max_ratio,
                   num_workers=num_workers, seed=seed, device=device, rank=rank, world_size=world, n_valid=n_valid)
@@ -682,6 +758,7 @@ def segment(data, preset: str='cpu', checkpoint=None, output=None, resume=None, 
     if num_classes and num_classes != len(classes): raise ValueError(f"num_classes={num_classes} but {data} names {len(classes)} classes")
     model = create_segmentor(r, len(classes))
     if checkpoint and not resume: load_backbone(model.backbone, checkpoint, trusted=trusted, verbose=verbose and rank == 0)
+    if output is not None: output = prepare_output(output, resume, overwrite)  # every input checked: now the folder
     seed_rank(seed)  # each process its own crops, flips and drop paths (the official seed + rank)
     learn = seg_learner(dls, model.to(device), r, output=output, cbs=cbs)
     learn.classes = classes
@@ -700,33 +777,34 @@ def segment(data, preset: str='cpu', checkpoint=None, output=None, resume=None, 
 @torch.no_grad()
 def evaluate_segmenter(model: UperNet, data, split: str='validation', scale=(2048, 512), mode: str|None=None, crop=None,
                        stride=None, flip: bool|None=None, n_valid: int|None=None, precision: str='fp32', device=None,
-                       rank: int=0, world_size: int=1) -> dict:
+                       rank: int=0, world_size: int=1, bs: int=1, num_workers: int=0) -> dict:
     "mIoU, aAcc, mAcc and per-class IoU of `model` on `split` of an ADE20K-layout folder (confusion matrix over all processes)"
     cfg = {**model.test_cfg, **{k: v for k, v in dict(mode=mode, crop=crop, stride=stride, flip=flip).items() if v is not None}}
-    ds = SegDataset(data, split, SegEvalTransform(tuple(scale)))
+    ds = SegDataset(data, split, SegEvalTransform(tuple(scale)), unreadable='mark')
     if n_valid and n_valid < len(ds): ds = ds.subset(np.linspace(0, len(ds) - 1, n_valid).round().astype(int))
     device = torch.device(device) if device is not None else next(model.parameters()).device
+    dl = ValidDL(ds, bs=bs, shuffle=False, drop_last=False, rank=rank, world_size=world_size, num_workers=num_workers)
     model.eval(); cm = torch.zeros(model.num_classes, model.num_classes, dtype=torch.int64)
     amp = torch.autocast(device.type, dtype={'bf16': torch.bfloat16, 'fp16': torch.float16}.get(precision, torch.float32),
                          enabled=precision != 'fp32')
-    for i in range(rank, len(ds), world_size):
-        x, y = ds[i]
-        with amp: logits = seg_inference(model, x[None].to(device), **cfg)
-        cm += confusion_matrix(resize(logits.float(), y.shape[-2:]).argmax(1).cpu(), y[None], model.num_classes)
+    for x, sizes, y in dl:
+        with amp: logits = seg_predict(model, x.to(device), sizes, **cfg)
+        cm += confusion_matrix(logits.argmax(1).cpu(), y, model.num_classes)
     scores = seg_scores(_all_reduce(cm))
-    scores.update(n_images=len(ds), skipped=ds.n_skipped, test_cfg=cfg)
+    scores.update(n_images=len(ds), skipped=ds.n_skipped, test_cfg=cfg, bs=bs)
     return scores
 
 @torch.no_grad()
 def predict_masks(model: UperNet, images: list, scale=(2048, 512), precision: str='fp32') -> list[tuple[np.ndarray, np.ndarray]]:
-    "(uint8 RGB image, [H, W] predicted classes) of each image file, predicted with the model's `test_cfg`"
+    "(uint8 RGB image, [H, W] predicted classes) of each image file (any size, any mode), predicted with the model's `test_cfg`"
     model.eval(); dev = next(model.parameters()).device
     tfm, res = SegEvalTransform(tuple(scale)), []
     for f in images:
         img = TF.pil_to_tensor(load_rgb(f))
+        x = tfm(img)[None]
         with torch.autocast(dev.type, dtype=torch.bfloat16 if precision == 'bf16' else torch.float16, enabled=precision != 'fp32'):
-            logits = model(tfm(img)[None].to(dev))
-        res.append((img.permute(1, 2, 0).numpy(), resize(logits.float(), img.shape[-2:]).argmax(1)[0].cpu().numpy()))
+            logits = seg_predict(model, x.to(dev), torch.tensor([[*x.shape[-2:], *img.shape[-2:]]]), **model.test_cfg)
+        res.append((img.permute(1, 2, 0).numpy(), logits.argmax(1)[0].cpu().numpy()))
     return res
 
 def show_predictions(images: list, columns: dict, num_classes: int, classes=None, row_titles=None, alpha: float=0.55,
@@ -777,52 +855,69 @@ def _train(data, preset, checkpoint, output, resume, overwrite, force_resume, se
     if r.iters % r.eval_interval: raise UserError(f"--iters ({r.iters}) must be a multiple of --eval_interval ({r.eval_interval})")
     if r.crop % 32: raise UserError(f"--crop must be a multiple of 32, got {r.crop}")
     if r.test_mode not in ('whole', 'slide'): raise UserError(f"--mode must be whole or slide, got {r.test_mode!r}")
-    out = prepare_output(output or (Path(resume).parent if resume else 'runs/segment'), resume, overwrite)
+    out = Path(output or (Path(resume).parent if resume else 'runs/segment'))
     if note and not rank_distrib(): print(note)
     learn = segment(data, preset, checkpoint=checkpoint, output=out, resume=resume, seed=seed, device=device, num_workers=workers,
-                    n_valid=n_valid, num_classes=num_classes, trusted=trusted, fit=False, **{f.name: getattr(r, f.name) for f in fields(SegRecipe)})
+                    n_valid=n_valid, num_classes=num_classes, trusted=trusted, fit=False, overwrite=overwrite, **{f.name: getattr(r, f.name) for f in fields(SegRecipe)})
     console_progress(learn)
     fit_segment(learn, resume=resume, force_resume=force_resume)
     if not rank_distrib():
-        save_segmenter(learn, out/'segmenter.pth', learn.classes)
+        save_segmenter(learn, learn.path/'segmenter.pth', learn.classes)
         s = learn.metrics[0].scores
         _print_scores(s, learn.classes)
         print(json.dumps(dict(mIoU=s['mIoU'], aAcc=s['aAcc'], mAcc=s['mAcc'], IoU=dict(zip(learn.classes, s['IoU'])),
-                              wall_time_s=round(learn.wall_time, 1), output=str(out))))
+                              wall_time_s=round(learn.wall_time, 1), output=str(learn.path))))
 
-def _evaluate(data, checkpoint, split, mode, window, stride, flip, n_valid, precision, device):
+def _evaluate(data, checkpoint, split, mode, window, stride, flip, n_valid, precision, device, bs, workers):
     if not checkpoint: raise UserError("evaluate needs --checkpoint (the segmenter.pth of a trained run)")
     rank, world, device = launch_setup(0, device)
     init_distributed(device)
     model, ck = load_segmenter(checkpoint, device)
     s = evaluate_segmenter(model, data, split, ck['recipe']['scale'], mode, window, stride, flip or None, n_valid,
-                           precision or 'fp32', device, rank, world)
+                           precision or 'fp32', device, rank, world, bs=bs or 1, num_workers=workers or 0)
     if rank == 0:
         _print_scores(s, ck['classes'])
         print(json.dumps(dict(mIoU=s['mIoU'], aAcc=s['aAcc'], mAcc=s['mAcc'], IoU=dict(zip(ck['classes'] or range(len(s['IoU'])), s['IoU'])),
-                              n_images=s['n_images'], skipped=s['skipped'], test_cfg=s['test_cfg'])))
+                              n_images=s['n_images'], skipped=s['skipped'], test_cfg=s['test_cfg'], bs=s['bs'])))
 
-def _predict(data, checkpoint, output, mode, window, stride, flip, precision, device):
+def _predict(data, checkpoint, output, mode, window, stride, flip, precision, device, overwrite=False):
     if not checkpoint: raise UserError("predict needs --checkpoint (the segmenter.pth of a trained run)")
     files = _image_files(data)
     _, _, device = launch_setup(0, device)
     model, ck = load_segmenter(checkpoint, device, mode=mode, crop=window, stride=stride, flip=flip or None)
-    out = Path(output or 'predictions'); out.mkdir(parents=True, exist_ok=True)
+    out = check_output(output or 'predictions', overwrite=overwrite, products={f'{f.stem}.png' for f in files})  # touches nothing
+    out.mkdir(parents=True, exist_ok=True)
+    bad = []
     for f in files:
-        (img, pred), = predict_masks(model, [f], ck['recipe']['scale'], precision or 'fp32')
+        try: (img, pred), = predict_masks(model, [f], ck['recipe']['scale'], precision or 'fp32')
+        except BadImageError as e:
+            print(f"skipped: {e}", file=sys.stderr); bad.append(e); continue
         fig = show_predictions([img], {'prediction': [pred]}, model.num_classes, ck['classes'], row_titles=[f.name])
         fig.savefig(out/f'{f.stem}.png', dpi=80); plt.close(fig)
-    print(f"{len(files)} overlay figure(s) in {out}")
+    if len(bad) == len(files): raise BadImageError(f"none of the {len(files)} image(s) could be read; the first: {bad[0]}")
+    print(f"{len(files) - len(bad)} overlay figure(s) in {out}" + (f"; {len(bad)} unreadable image(s) skipped" if bad else ''))
 
 # %% ../nbs/11_segmentation.ipynb #e1bb80b6
-@call_parse
+#: the options of each command of `fastconvmae_segment` (any other is refused)
+_INFER = {'mode', 'window', 'stride', 'flip', 'precision', 'device'}
+SEGMENT_MODES = {
+    'train': {'preset', 'checkpoint', 'output', 'resume', 'overwrite', 'force_resume', 'arch', 'crop', 'scale', 'bs', 'accum', 'iters',
+              'eval_interval', 'warmup_iters', 'lr', 'layer_decay', 'weight_decay', 'drop_path', 'channels', 'aux_channels', 'valid_bs',
+              'n_valid', 'num_classes', 'workers', 'seed', 'trusted'} | _INFER,
+    'evaluate': {'checkpoint', 'valid_bs', 'split', 'n_valid', 'workers'} | _INFER,
+    'predict': {'checkpoint', 'output', 'overwrite'} | _INFER}
+_SEGMENT_HINTS = {('evaluate', 'output'): "evaluate prints its scores and writes nothing",
+                  'preset': "the recipe of a trained segmenter is the one in its checkpoint",
+                  ('evaluate', 'overwrite'): "evaluate writes nothing"}
+
+@call_parse_exact
 def main(command: str, # train, evaluate or predict
          data: str, # train / evaluate: dataset root in the ADE20K layout; predict: an image file or a folder of images
-         preset: str='cpu', # train: recipe, cpu or ade20k (the official ADE20K configuration)
+         preset: str=None, # train: recipe, cpu (default) or ade20k (the official ADE20K configuration)
          checkpoint: str=None, # train: pretrained encoder (this package's, Alpha-VL's or EasyCV's); evaluate / predict: segmenter.pth
          output: str=None, # train: run folder (default runs/segment); predict: folder of figures (default predictions)
          resume: str=None, # train: checkpoint-latest.pth of a run to continue
-         overwrite: bool=False, # train: replace the run already in --output
+         overwrite: bool=False, # train: replace the run already in --output; predict: replace earlier figures there
          force_resume: bool=False, # train: resume even if the checkpoint's architecture differs
          arch: str=None, # backbone size: base (official ConvViT-B), small or tiny
          crop: int=None, # training crop (multiple of 32)
@@ -843,23 +938,27 @@ def main(command: str, # train, evaluate or predict
          window: int=None, # sliding window size
          stride: int=None, # sliding window stride
          flip: bool=False, # also predict the flipped image and average
-         split: str='validation', # evaluate: the split to score
+         valid_bs: int=None, # images per evaluation batch (train: validation; evaluate), each scored at its own size
+         split: str=None, # evaluate: the split to score (default validation)
          n_valid: int=None, # evaluate on this many evenly spaced validation images only
          num_classes: int=None, # train: number of classes when the data has no classes.txt / objectInfo150.txt
-         workers: int=None, # data loading processes per process
-         seed: int=0, # seed of initialisation and data order
+         workers: int=None, # data loading processes per process (evaluate: default 0, loading in the process itself)
+         seed: int=None, # train: seed of initialisation and data order (default 0)
          device: str=None, # cpu, cuda, ... (default: this process's GPU, else the CPU)
          trusted: bool=False, # unpickle the pretrained checkpoint fully (ONLY for files you trust)
          debug: bool=False, # show tracebacks instead of one-line errors
         ):
     "Semantic segmentation with UperNet on the ConvViT encoder: train, evaluate or predict (one process, or one per GPU under torchrun)."
+    loc = dict(locals())
     def _run():
+        opts = {k: v for k, v in loc.items() if k not in ('command', 'data', 'debug')}
+        check_mode_options('fastconvmae_segment', command, opts, SEGMENT_MODES, _SEGMENT_HINTS, what='command')
         check_args(crop=(crop, 'pos_int'), bs=(bs, 'pos_int'), accum=(accum, 'pos_int'), iters=(iters, 'pos_int'),
                    eval_interval=(eval_interval, 'pos_int'), warmup_iters=(warmup_iters, 'nonneg_int'), lr=(lr, 'pos'),
                    layer_decay=(layer_decay, 'pos'), weight_decay=(weight_decay, 'nonneg'), drop_path=(drop_path, 'unit'),
                    channels=(channels, 'pos_int'), aux_channels=(aux_channels, 'nonneg_int'), window=(window, 'pos_int'),
                    stride=(stride, 'pos_int'), n_valid=(n_valid, 'pos_int'), workers=(workers, 'nonneg_int'),
-                   num_classes=(num_classes, 'pos_int'))
+                   num_classes=(num_classes, 'pos_int'), valid_bs=(valid_bs, 'pos_int'))
         if precision is not None and precision not in ('fp32', 'bf16', 'fp16'): raise UserError(f"--precision must be fp32, bf16 or fp16, got {precision!r}")
         if mode is not None and mode not in ('whole', 'slide'): raise UserError(f"--mode must be whole or slide, got {mode!r}")
         if command in ('train', 'evaluate') and not Path(data).expanduser().is_dir(): raise UserError(f"dataset folder not found: {data}")
@@ -867,10 +966,9 @@ def main(command: str, # train, evaluate or predict
             ov = dict(arch=arch, crop=crop, scale=_ints(scale, 'scale'), bs=bs, accum=accum, iters=iters, eval_interval=eval_interval,
                       warmup_iters=warmup_iters, lr=lr, layer_decay=layer_decay, weight_decay=weight_decay, drop_path=drop_path,
                       channels=channels, aux_channels=aux_channels, precision=precision, test_mode=mode, test_crop=window,
-                      test_stride=stride, flip=flip or None)
-            _train(data, preset, checkpoint, output, resume, overwrite, force_resume, seed, workers, n_valid, num_classes, trusted, device,
+                      test_stride=stride, flip=flip or None, valid_bs=valid_bs)
+            _train(data, preset or 'cpu', checkpoint, output, resume, overwrite, force_resume, seed or 0, workers, n_valid, num_classes, trusted, device,
                    {k: v for k, v in ov.items() if v is not None})
-        elif command == 'evaluate': _evaluate(data, checkpoint, split, mode, window, stride, flip, n_valid, precision, device)
-        elif command == 'predict': _predict(data, checkpoint, output, mode, window, stride, flip, precision, device)
-        else: raise UserError(f"unknown command {command!r}: choose train, evaluate or predict")
-    run_cli(_run, debug=debug)
+        elif command == 'evaluate': _evaluate(data, checkpoint, split or 'validation', mode, window, stride, flip, n_valid, precision, device, valid_bs, workers)
+        elif command == 'predict': _predict(data, checkpoint, output, mode, window, stride, flip, precision, device, overwrite)
+    run_cli(_run, debug=debug)  # a data-loading worker's error: its own message on one line (`worker_message`)

@@ -81,6 +81,16 @@ def test_detect_refuses_options_of_other_modes(args, needles, tmp_path):
     one_error_line(cli('fastconvmae_detect', *args, cwd=tmp_path, timeout=300), *needles)
     assert not (tmp_path / 'runs').exists()
 
+@pytest.mark.parametrize('args,needles', [
+    (['evaluate', 'nowhere', '--checkpoint', 's.pth', '--output', 'o'], ['--output does not apply to `fastconvmae_segment evaluate`', 'writes nothing']),
+    (['predict', 'nowhere', '--checkpoint', 's.pth', '--iters', '3'], ['--iters does not apply', 'train']),
+    (['predict', 'nowhere', '--checkpoint', 's.pth', '--preset', 'ade20k'], ['--preset does not apply', 'checkpoint']),
+    (['dance', 'nowhere'], ["unknown command 'dance'"]),
+])
+def test_segment_refuses_options_of_other_modes(args, needles, tmp_path):
+    one_error_line(cli('fastconvmae_segment', *args, cwd=tmp_path, timeout=300), *needles)
+    assert not (tmp_path / 'o').exists()
+
 # ---------------------------------------------------------------- training commands keep what they trained
 FAST = ['--epochs', '1', '--warmup_epochs', '0.5', '--bs', '4', '--num_workers', '0', '--precision', 'fp32']
 

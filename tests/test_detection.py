@@ -177,3 +177,14 @@ def test_cli_ddp_two_processes_gloo(syn4, tmp_path):
     ck = torch.load(tmp_path / 'run' / 'checkpoint-latest.pth', weights_only=True)
     assert len(ck['rng_per_rank']) == 2 and ck['epoch'] == 0
     assert 'module.' not in next(iter(ck['model']))
+
+def test_image_whose_size_differs_from_its_annotations_is_skipped(tmp_path):
+    "A wrong JSON, or a photo that EXIF orientation turns, would stretch every mask: the image is skipped, named, with its sizes."
+    from PIL import Image
+    root = synthetic_coco(tmp_path / 'c', n_images=4, n_cats=2, seed=1)
+    ds = CocoInstances(*find_split(root, 'train'))
+    f = ds.images / ds.coco.imgs[ds.ids[0]]['file_name']
+    im = Image.open(f); im.transpose(Image.Transpose.TRANSPOSE).crop((0, 0, im.width // 2, im.height)).save(f)
+    with pytest.warns(BadImageWarning, match=rf"{f.name} is {im.width // 2} x {im.height} but its annotations give {im.width} x {im.height}"):
+        img, t = ds[0]
+    assert int(t['image_id']) == ds.ids[1] and ds.n_skipped == 1

@@ -312,7 +312,7 @@ def test_accumulation_counts_optimiser_steps(tmp_path):
 
 
 def _cli(*args, cwd=None):
-    return subprocess.run([str(BIN/'fastconvmae_segment'), *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=300,
+    return subprocess.run([str(BIN/'fastconvmae_segment'), *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=600,
                           env={**os.environ, 'OMP_NUM_THREADS': '1'})
 
 
@@ -328,15 +328,21 @@ def test_cli_train_evaluate_predict(tmp_path):
     assert r.returncode == 0, r.stderr
     s = json.loads(r.stdout.strip().splitlines()[-1]); assert 0 <= s['mIoU'] <= 1 and s['test_cfg']['flip'] is True
     # two processes (torchrun, Gloo): each scores its share, the confusion matrices are summed: the same numbers
-    r2 = subprocess.run([str(BIN/'torchrun'), '--nproc_per_node', '2', '-m', 'fastconvmae.segmentation', 'evaluate', str(root),
+    r2 = subprocess.run([str(BIN/'torchrun'), '--standalone', '--nproc_per_node', '2', '-m', 'fastconvmae.segmentation', 'evaluate', str(root),
                          '--checkpoint', str(out/'segmenter.pth'), '--mode', 'slide', '--flip'], capture_output=True, text=True,
-                        timeout=300, env={**os.environ, 'OMP_NUM_THREADS': '1'})
+                        timeout=600, env={**os.environ, 'OMP_NUM_THREADS': '1'})
     assert r2.returncode == 0, r2.stderr
     s2 = json.loads(r2.stdout.strip().splitlines()[-1])
     assert s2['mIoU'] == pytest.approx(s['mIoU'], abs=1e-9) and s2['aAcc'] == pytest.approx(s['aAcc'], abs=1e-9)
     r = _cli('predict', root/'images'/'validation', '--checkpoint', out/'segmenter.pth', '--output', tmp_path/'pred')
     assert r.returncode == 0, r.stderr
     assert sorted(p.name for p in (tmp_path/'pred').glob('*.png')) == ['000.png', '001.png', '002.png']
+    before = {f.name: f.read_bytes() for f in (tmp_path/'pred').iterdir()}
+    r = _cli('predict', root/'images'/'validation', '--checkpoint', out/'segmenter.pth', '--output', tmp_path/'pred')
+    assert r.returncode == 2 and r.stderr.startswith('error:') and 'already holds' in r.stderr and '--overwrite' in r.stderr, r.stderr
+    assert {f.name: f.read_bytes() for f in (tmp_path/'pred').iterdir()} == before   # earlier figures are never replaced silently
+    r = _cli('predict', root/'images'/'validation', '--checkpoint', out/'segmenter.pth', '--output', tmp_path/'pred', '--overwrite')
+    assert r.returncode == 0, r.stderr
 
 
 def test_cli_user_errors(tmp_path, capsys):
