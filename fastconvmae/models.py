@@ -4,12 +4,16 @@
 
 # %% ../nbs/03_models.ipynb #a713d0cf
 from __future__ import annotations
+import json
 from functools import partial
+from pathlib import Path
 from fastcore.basics import patch
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.models import register_model, build_model_with_cfg, generate_default_cfgs
 from timm.models.vision_transformer import Block
 from .masking import patchify, unpatchify, random_masking, num_views, upsample_mask, Masking
 from .maskconv import cpp_extension, block_norm, ln_kernel
@@ -17,12 +21,13 @@ from .encoder import (ConvViTTrunk, ConvViT, Attention, sincos_2d, to_hw, conv_n
                                  convvit_base_patch16, convvit_small_patch16, convvit_tiny_patch16)
 
 # %% auto #0
-__all__ = ['DECODER_ARCHS', 'convmae_convvit_base_patch16_dec512d8b', 'fastconvmae_convvit_base_patch16_dec512d8b', 'MODELS',
-           'RECONSTRUCTION_SPACES', 'MaskedAutoencoderConvViT', 'normalise_patches', 'mse_kernel', 'masked_mse',
-           'convmae_convvit_base_patch16', 'fastconvmae_convvit_base_patch16', 'convmae_convvit_small_patch16',
-           'fastconvmae_convvit_small_patch16', 'convmae_convvit_tiny_patch16', 'fastconvmae_convvit_tiny_patch16',
-           'create_model', 'model_from_fixture_config', 'rel_err', 'reconstruct', 'show_views', 'count_flops',
-           'ConvViT', 'convvit_base_patch16', 'convvit_small_patch16', 'convvit_tiny_patch16']
+__all__ = ['DECODER_ARCHS', 'TEACHING_TAG', 'TEACHING_WEIGHTS', 'default_cfgs', 'convmae_convvit_base_patch16_dec512d8b',
+           'fastconvmae_convvit_base_patch16_dec512d8b', 'MODELS', 'RECONSTRUCTION_SPACES', 'MaskedAutoencoderConvViT',
+           'normalise_patches', 'mse_kernel', 'masked_mse', 'weights_dir', 'convmae_convvit_base_patch16',
+           'fastconvmae_convvit_base_patch16', 'convmae_convvit_small_patch16', 'fastconvmae_convvit_small_patch16',
+           'convmae_convvit_tiny_patch16', 'fastconvmae_convvit_tiny_patch16', 'create_model',
+           'model_from_fixture_config', 'rel_err', 'reconstruct', 'show_views', 'read_weights', 'load_weights',
+           'count_flops', 'ConvViT', 'convvit_base_patch16', 'convvit_small_patch16', 'convvit_tiny_patch16']
 
 # %% ../nbs/03_models.ipynb #40a8dbf4
 class MaskedAutoencoderConvViT(ConvViTTrunk):
@@ -68,6 +73,12 @@ class MaskedAutoencoderConvViT(ConvViTTrunk):
             nn.init.xavier_uniform_(m.weight)
             if m.bias is not None: nn.init.zeros_(m.bias)
         elif isinstance(m, nn.LayerNorm): nn.init.ones_(m.weight); nn.init.zeros_(m.bias)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for k in ('pos_embed', 'decoder_pos_embed'):  # fixed sin-cos: a table of another grid is replaced by this grid's, exactly
+            if prefix + k in state_dict and state_dict[prefix + k].shape != getattr(self, k).shape:
+                state_dict[prefix + k] = getattr(self, k).detach().clone()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @torch.jit.ignore
     def no_weight_decay(self): return {'pos_embed', 'decoder_pos_embed', 'mask_token'}
@@ -261,23 +272,50 @@ DECODER_ARCHS = dict(base=dict(decoder_embed_dim=512, decoder_depth=8, decoder_n
                      small=dict(decoder_embed_dim=256, decoder_depth=4, decoder_num_heads=8),
                      tiny=dict(decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=4))
 
-def _mae(size: str, complementary: bool, **kwargs) -> MaskedAutoencoderConvViT:
+def weights_dir() -> Path:
+    "`data/weights/` of the repository this package runs from (an editable install), where the teaching weights ship."
+    import fastconvmae
+    return Path(fastconvmae.__file__).resolve().parents[1] / 'data' / 'weights'
+
+#: tag of the teaching weights: raw-pixel tiny models pretrained by this package on Imagenette at 96 px
+TEACHING_TAG = 'imagenette_96px'
+#: the shipped teaching weights by method: `data/weights/<name>.safetensors`
+TEACHING_WEIGHTS = {m: f'{m}_convvit_tiny_patch16.{TEACHING_TAG}' for m in ('fastconvmae', 'convmae')}
+
+def _cfg(**kwargs):
+    return {**dict(url='', num_classes=None, input_size=(3, 224, 224), mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
+                   first_conv='patch_embed1.proj', classifier=None, license='apache-2.0'), **kwargs}
+
+default_cfgs = generate_default_cfgs({
+    **{f'{n}': _cfg(file=str(weights_dir() / f'{n}.safetensors'), input_size=(3, 96, 96)) for n in TEACHING_WEIGHTS.values()},
+    **{f'{m}_convvit_{s}_patch16.untrained': _cfg() for m in ('convmae', 'fastconvmae') for s in ('base', 'small', 'tiny')}})
+
+def _mae(variant: str, pretrained: bool=False, **kwargs) -> MaskedAutoencoderConvViT:
+    size = variant.split('_')[2]                                   # fastconvmae_convvit_tiny_patch16 -> tiny
     defaults = dict(img_size=224, patch_size=(4, 2, 2), mlp_ratio=(4, 4, 4), norm_layer=partial(nn.LayerNorm, eps=1e-6),
-                    complementary=complementary, **CONVVIT_ARCHS[size], **DECODER_ARCHS[size])
-    return MaskedAutoencoderConvViT(**{**defaults, **kwargs})
+                    complementary=variant.startswith('fast'), **CONVVIT_ARCHS[size], **DECODER_ARCHS[size])
+    kwargs = {**defaults, **kwargs}
+    kwargs['img_size'] = to_hw(kwargs['img_size'])                 # timm's builder wants (H, W)
+    return build_model_with_cfg(MaskedAutoencoderConvViT, variant, pretrained, pretrained_strict=True, **kwargs)
 
-def convmae_convvit_base_patch16(**kwargs):
+@register_model
+def convmae_convvit_base_patch16(pretrained=False, **kwargs) -> MaskedAutoencoderConvViT:
     "ConvMAE-B (official): one masked view per image."
-    return _mae('base', False, **kwargs)
+    return _mae('convmae_convvit_base_patch16', pretrained, **kwargs)
 
-def fastconvmae_convvit_base_patch16(**kwargs):
+@register_model
+def fastconvmae_convvit_base_patch16(pretrained=False, **kwargs) -> MaskedAutoencoderConvViT:
     "Fast ConvMAE-B (official): complementary views (4 at mask ratio 0.75)."
-    return _mae('base', True, **kwargs)
+    return _mae('fastconvmae_convvit_base_patch16', pretrained, **kwargs)
 
-def convmae_convvit_small_patch16(**kwargs): return _mae('small', False, **kwargs)
-def fastconvmae_convvit_small_patch16(**kwargs): return _mae('small', True, **kwargs)
-def convmae_convvit_tiny_patch16(**kwargs): return _mae('tiny', False, **kwargs)
-def fastconvmae_convvit_tiny_patch16(**kwargs): return _mae('tiny', True, **kwargs)
+@register_model
+def convmae_convvit_small_patch16(pretrained=False, **kwargs): return _mae('convmae_convvit_small_patch16', pretrained, **kwargs)
+@register_model
+def fastconvmae_convvit_small_patch16(pretrained=False, **kwargs): return _mae('fastconvmae_convvit_small_patch16', pretrained, **kwargs)
+@register_model
+def convmae_convvit_tiny_patch16(pretrained=False, **kwargs): return _mae('convmae_convvit_tiny_patch16', pretrained, **kwargs)
+@register_model
+def fastconvmae_convvit_tiny_patch16(pretrained=False, **kwargs): return _mae('fastconvmae_convvit_tiny_patch16', pretrained, **kwargs)
 
 # the official long names
 convmae_convvit_base_patch16_dec512d8b = convmae_convvit_base_patch16
@@ -361,6 +399,35 @@ def show_views(imgs: Tensor, masked: Tensor, rec: Tensor, pasted: Tensor, mean=(
     if title: fig.suptitle(title)
     fig.tight_layout()
     return fig
+
+# %% ../nbs/03_models.ipynb #02819283
+def read_weights(path) -> tuple[dict, dict]:
+    "(state dict, metadata) of a safetensors weights file; one clear error for a missing or unreadable file."
+    from safetensors import safe_open
+    path = Path(path)
+    if not path.is_file(): raise FileNotFoundError(f"weights not found: {path}")
+    try:
+        with safe_open(str(path), 'pt') as f: return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    except Exception as e: raise ValueError(f"cannot read weights {path}: not a safetensors file ({str(e).splitlines()[0]})") from None
+
+def load_weights(weights: str|Path='fastconvmae', dynamic_img_size: bool=True, **kwargs) -> MaskedAutoencoderConvViT:
+    """The pretraining model of a safetensors file written by `tools/teaching_weights.py`, in eval mode: `weights` is a
+    path, or a key of `TEACHING_WEIGHTS` ('fastconvmae', 'convmae') for the shipped ones. The file's metadata name the
+    model, its image size and its target; `kwargs` override them. The metadata are kept in `model.weights_meta`."""
+    if str(weights) in TEACHING_WEIGHTS:
+        path = weights_dir() / f'{TEACHING_WEIGHTS[str(weights)]}.safetensors'
+        if not path.is_file(): raise FileNotFoundError(f"teaching weights not found: {path} (they ship in the repository's "
+                                                       f"data/weights/; outside an editable install, pass the file's path)")
+    else: path = Path(weights)
+    sd, meta = read_weights(path)
+    r = json.loads(meta.get('recipe') or '{}')
+    if 'arch' not in r: raise ValueError(f"{path} does not name its model (no recipe in its metadata): build the model and "
+                                         f"call load_state_dict yourself")
+    m = create_model(r['arch'], **{**dict(img_size=r.get('img_size', 224), norm_pix_loss=r.get('norm_pix_loss', False),
+                                          mask_ratio=r.get('mask_ratio', 0.75), dynamic_img_size=dynamic_img_size), **kwargs})
+    m.load_state_dict(sd)
+    m.weights_meta = meta
+    return m.eval()
 
 # %% ../nbs/03_models.ipynb #0ed971be
 def count_flops(model: nn.Module, *args, backward: bool=False, **kwargs) -> int:

@@ -76,15 +76,12 @@ def test_show_views_one_and_k_views():
         assert len(fig.axes) == n_axes and fig.get_size_inches()[0] * fig.dpi >= 600
         plt.close(fig)
 
-def test_visual_checkpoint_round_trip(tmp_path, monkeypatch):
+def test_pretraining_checkpoint_round_trip(tmp_path):
     from fastconvmae import visualise as V
-    monkeypatch.setenv('FASTCONVMAE_VISUAL_CKPT', str(tmp_path / 'missing.pth'))
-    assert V.find_visual_checkpoint(tmp_path / 'nothing.pth') in (None, V.find_visual_checkpoint())
     m = models.create_model('fastconvmae_convvit_tiny_patch16', img_size=64, norm_pix_loss=False)
-    torch.save({'model': m.state_dict(), 'config': dict(arch='fastconvmae_convvit_tiny_patch16', img_size=64,
-                                                         norm_pix_loss=False)}, tmp_path / 'v.pth')
-    assert V.find_visual_checkpoint(tmp_path / 'v.pth') == tmp_path / 'v.pth'
-    m2 = V.load_pretrained(tmp_path / 'v.pth')
+    torch.save({'model': m.state_dict(), 'recipe': dict(arch='fastconvmae_convvit_tiny_patch16', img_size=64,
+                                                        norm_pix_loss=False, mask_ratio=0.75)}, tmp_path / 'v.pth')
+    m2 = V.load_model(tmp_path / 'v.pth')
     assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), m2.state_dict().values()))
     x = torch.randn(2, 3, 96, 64)                                          # another size: dynamic_img_size
     c = V.as_convmae(m2)

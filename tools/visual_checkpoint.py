@@ -14,7 +14,8 @@ the four fixed images under their fixed mask 1.447 (untrained) -> 0.881.
 
 Writes to `--output`:
 - `fastconvmae_tiny_rgb_visual.pth`: a release-style checkpoint, `{'model': state_dict, 'config': {...}, ...}`
-  (fp32, ~15 MB; the visualisation chapter finds it there or through `$FASTCONVMAE_VISUAL_CKPT`);
+  (fp32, ~15 MB; the figures of the pretraining chapter come from this run; the visualisation chapter now uses the
+  teaching weights shipped in `data/weights/`, see `data/weights/README.md`);
 - `history.pt`: per-epoch reconstructions (uint8) of the fixed images and the losses; `log.csv`;
 and to `--images` (if given) `visual_run_grid.png` (rows = epochs; per image: masked input, reconstruction, original)
 and `visual_run_loss.png`.
