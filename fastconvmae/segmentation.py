@@ -546,6 +546,8 @@ def init_distributed(device: torch.device):
     if num_distrib() < 2 or not dist.is_available() or dist.is_initialized(): return
     if device.type == 'cuda': torch.cuda.set_device(device)
     dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
+    import atexit  # leave the group before the interpreter exits: a Gloo group left to die with it can abort (SIGABRT)
+    atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
 
 # %% ../nbs/11_segmentation.ipynb #f940db01
 class SegConfusion(Metric):
