@@ -4,7 +4,7 @@
 
 # %% ../nbs/13_visualise.ipynb #7dc36902
 from __future__ import annotations
-import copy, json, sys
+import copy
 from pathlib import Path
 from fastcore.script import Param, store_true
 import torch
@@ -130,8 +130,7 @@ def _reconstruct_cli(images, checkpoint, mask_ratio, seed, img_size, output, ove
         raise FileNotFoundError(f"image not found: {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ''))
     if len({f.stem for f in files}) < len(files):
         raise UserError("two images have the same name: their figures would overwrite each other (reconstruct them one at a time)")
-    check_args(mask_ratio=(mask_ratio, 'pos'), img_size=(img_size, 'pos_int'))
-    if img_size and img_size % 16: raise UserError(f"--img_size must be a multiple of 16, got {img_size}")
+    check_args(mask_ratio=(mask_ratio, 'pos'), img_size=(img_size, 'img_size'))
     model = load_model(checkpoint)
     try: num_views(mask_ratio, model.complementary)
     except ValueError as e: raise UserError(f"--mask_ratio {mask_ratio}: {e}") from None
