@@ -15,8 +15,8 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 from timm.layers import LayerScale, resample_abs_pos_embed
 from .encoder import ConvViTTrunk, CONVVIT_ARCHS, sincos_2d, to_hw
-from .finetune import (load_checkpoint, checkpoint_state_dict, convert_state_dict, LoadReport,
-                                  CheckpointMismatchError)
+from .checkpoint import (load_checkpoint, checkpoint_state_dict, convert_state_dict, LoadReport,
+                                    CheckpointMismatchError)
 
 # %% auto #0
 __all__ = ['window_partition', 'window_unpartition', 'relative_position_index', 'RelativePositionBias', 'ConvViTBackbone',

@@ -10,18 +10,21 @@ import numpy as np, torch
 from PIL import Image, ImageOps
 from torchvision.transforms import v2, InterpolationMode
 from torchvision.datasets.folder import IMG_EXTENSIONS
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.data import create_transform, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from fastcore.basics import store_attr
 from fastai.torch_core import default_device, defaults, to_device
 from fastai.data.load import DataLoader
 from fastai.data.core import DataLoaders
+from fastai.data.transforms import CategoryMap
 from fastai.callback.core import Callback
 import matplotlib.pyplot as plt
+from .cli import UserError
 
 # %% auto #0
 __all__ = ['UNREADABLE', 'to_rgb', 'BadImageError', 'BadImageWarning', 'load_rgb', 'find_images', 'ImageFolderDataset',
            'pretrain_transform', 'eval_transform', 'denormalize', 'show_images', 'PretrainDL', 'pretrain_dls',
-           'BadImageReport']
+           'BadImageReport', 'posterize_any_bits', 'finetune_transform', 'finetune_eval_transform', 'ClassifierDL',
+           'classifier_dls']
 
 # %% ../nbs/04_data.ipynb #05de03e7
 def to_rgb(im:Image.Image) -> Image.Image:
@@ -298,3 +301,66 @@ class BadImageReport(Callback):
         if n:
             more = f' (+{len(files) - self.max_names} more)' if len(files) > self.max_names else ''
             self.log(f"epoch {self.epoch}: skipped {n} unreadable image(s): {', '.join(files[:self.max_names])}{more}")
+
+# %% ../nbs/04_data.ipynb #21e3fbf6
+def posterize_any_bits(img, bits_to_keep, **__):
+    "timm's posterize with the old Pillow result for 0 bits (a black image) instead of Pillow >= 12's `ValueError`"
+    from PIL import Image, ImageOps
+    if bits_to_keep >= 8: return img
+    if bits_to_keep <= 0: return Image.new(img.mode, img.size)
+    return ImageOps.posterize(img, bits_to_keep)
+
+def _repair_posterize(tfm):
+    for t in getattr(tfm, 'transforms', []):
+        for op in getattr(t, 'ops', []):
+            if 'Posterize' in getattr(op, 'name', ''): op.aug_fn = posterize_any_bits
+    return tfm
+
+def finetune_transform(img_size=224, aa: str|None='rand-m9-mstd0.5-inc1', reprob: float=0.25, remode: str='pixel',
+                       recount: int=1, color_jitter=None, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD):
+    "The official fine-tuning training augmentation (timm `create_transform`: RandAugment, random erasing, bicubic)"
+    return _repair_posterize(create_transform(input_size=_hw(img_size), is_training=True, color_jitter=color_jitter,
+                                              auto_augment=aa, interpolation='bicubic', re_prob=reprob, re_mode=remode,
+                                              re_count=recount, mean=mean, std=std))
+
+def finetune_eval_transform(img_size=224, crop_pct: float|None=None, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD):
+    "Resize to `img_size / crop_pct` (bicubic) and centre-crop; `crop_pct` = 224/256 up to 224 px, else 1, as the official code"
+    if crop_pct is None: crop_pct = 224 / 256 if max(_hw(img_size)) <= 224 else 1.
+    return eval_transform(img_size, crop_pct, mean, std)
+
+# %% ../nbs/04_data.ipynb #b8dbab49
+class ClassifierDL(PretrainDL):
+    "`PretrainDL` for labelled data; `vocab` is the dataset's class names"
+    @property
+    def vocab(self): return CategoryMap(self.dataset.classes, sort=False)
+    @property
+    def c(self): return len(self.dataset.classes)
+
+def _split_dirs(path: Path) -> tuple[Path, Path]:
+    trn = path/'train'
+    val = next((path/o for o in ('val', 'valid') if (path/o).is_dir()), None)
+    if not trn.is_dir() or val is None: raise UserError(f"{path} must hold train/ and val/ (or valid/) class folders")
+    return trn, val
+
+def classifier_dls(path, train_tfm, valid_tfm, bs: int=64, num_workers: int|None=None, seed: int=0, device=None,
+                   rank: int=0, world_size: int=1, val_bs: int|None=None, pin_memory: bool|None=None,
+                   train_unreadable: str='replace', drop_last: bool=True) -> DataLoaders:
+    "fastai `DataLoaders` of `path/train` and `path/val` (ImageNet layout) with the given transforms"
+    path = Path(path).expanduser()
+    if not path.is_dir(): raise UserError(f"dataset folder not found: {path}")
+    trn, val = _split_dirs(path)
+    train_ds = ImageFolderDataset(trn, train_tfm, unreadable=train_unreadable)
+    valid_ds = ImageFolderDataset(val, valid_tfm, unreadable='mark')  # unreadable images are left out of the metrics, not replaced
+    if not train_ds.classes: raise UserError(f"{trn} has no class folders: fine-tuning needs labelled data (root/<class>/*.jpg)")
+    if valid_ds.classes != train_ds.classes:
+        raise UserError(f"the classes of {val} ({len(valid_ds.classes)}) differ from those of {trn} ({len(train_ds.classes)}): "
+                         f"{sorted(set(valid_ds.classes) ^ set(train_ds.classes))[:5]}")
+    n_train = math.ceil(len(train_ds) / world_size)
+    if drop_last and n_train < bs: raise UserError(f"{trn} has {len(train_ds)} images ({n_train} per process): fewer than one batch of {bs} (--bs)")
+    device = default_device() if device is None else torch.device(device)
+    nw = defaults.cpus if num_workers is None else num_workers
+    pin = device.type == 'cuda' if pin_memory is None else pin_memory
+    kw = dict(seed=seed, rank=rank, world_size=world_size, num_workers=nw, pin_memory=pin, device=device)
+    train = ClassifierDL(train_ds, bs=bs, shuffle=True, drop_last=drop_last, **kw)
+    valid = ClassifierDL(valid_ds, bs=val_bs or bs, shuffle=False, drop_last=False, **kw)
+    return DataLoaders(train, valid, path=path, device=device)

@@ -12,8 +12,9 @@ import torch
 from fastcore.script import Param, store_true
 from .models import create_model, reconstruct, show_views
 from .data import pretrain_dls
-from .pretrain import (PRESETS, pretrain_learner, fit_pretrain, check_output, prepare_output, run_files, run_cli,
-                                  console_progress, check_args, UserError, call_parse_exact)
+from .cli import check_output, prepare_output, run_files, run_cli, check_args, UserError, call_parse_exact
+from .training import console_progress
+from .pretrain import PRESETS, pretrain_learner, fit_pretrain
 
 # %% auto #0
 __all__ = ['DEMO_FILES', 'demo_output', 'first_figures', 'run_demo', 'demo']

@@ -20,6 +20,7 @@ from fastcore.script import Param, bool_arg, store_true
 from fastai.learner import Learner, Metric, Recorder
 from fastai.callback.core import Callback
 from fastai.callback.training import GradientAccumulation, GradientClip
+from fastai.callback.schedule import ParamScheduler
 from fastai.callback.progress import ProgressCallback
 from fastai.data.core import DataLoaders
 from fastai.distributed import rank_distrib, num_distrib
@@ -34,13 +35,12 @@ from torchvision.models.detection.rpn import RPNHead
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads
 from .backbone import ConvViTBackbone, convvit_det, load_backbone
-from .finetune import load_checkpoint as read_checkpoint
 from .data import load_rgb, BadImageError, BadImageWarning, PretrainDL
-from .pretrain import (AnyDeviceMixedPrecision, StopOnNonFinite, PretrainCheckpoint, RunLog, ShardedTrainer,
-                                  adamw, fit_pretrain, unwrap, launch_setup, seed_rank, load_checkpoint, atomic_save,
-                                  UserError, check_args, check_output, prepare_output, run_cli, console_progress, isolated_rng,
-                                  check_mode_options, call_parse_exact,
-                                  NonFiniteLossError)
+from .cli import UserError, check_args, check_output, prepare_output, run_cli, check_mode_options, call_parse_exact
+from .checkpoint import load_checkpoint, atomic_save
+from .training import (AnyDeviceMixedPrecision, nonfinite_cbs, PretrainCheckpoint, RunLog, ShardedTrainer, adamw,
+                                  lr_schedule, fit_resumable, check_resume, unwrap, launch_setup, seed_rank, console_progress,
+                                  isolated_rng, NonFiniteLossError)
 
 # %% auto #0
 __all__ = ['MEAN_FILL', 'STAT_NAMES', 'DETECTION_PRESETS', 'DETECT_MODES', 'find_split', 'CocoInstances', 'LargeScaleJitter',
@@ -507,7 +507,7 @@ def detection_learner(dls: DataLoaders, recipe: DetectionRecipe|None=None, model
     world = max(num_distrib(), 1)
     output = Path(output)
     if not rank_distrib(): output.mkdir(parents=True, exist_ok=True)
-    cbs = list(cbs or []) + [DetectionCallback(), StopOnNonFinite()]
+    cbs = list(cbs or []) + [DetectionCallback(), *nonfinite_cbs()]
     if r.precision != 'fp32': cbs.append(AnyDeviceMixedPrecision(r.precision))
     if r.accum > 1: cbs.append(GradientAccumulation(dls.train.bs * r.accum))
     if r.clip: cbs.append(GradientClip(r.clip))
@@ -553,7 +553,7 @@ def train_detection(data, preset: str='cpu', output='runs/detect', pretrained=No
     rank, world, device = launch_setup(seed)
     dls = coco_dls(data, r.img_size, r.bs, r.scale, train_split, valid_split, workers, seed, rank, world, device, n_train)
     if pretrained is not None and resume is None:  # any layout the fine-tuning chapter reads (official files carry argparse args)
-        pretrained = read_checkpoint(pretrained, trusted=trusted)
+        pretrained = load_checkpoint(pretrained, trusted=trusted)
     output = prepare_output(output, resume, overwrite)  # every input checked: now the folder
     learn = detection_learner(dls, r, pretrained=pretrained if resume is None else None, output=output)
     seed_rank(seed)
@@ -564,7 +564,8 @@ def train_detection(data, preset: str='cpu', output='runs/detect', pretrained=No
               f"{len(dls.valid.dataset)} val images, {len(dls.train.dataset.cat_ids)} classes; {r.epochs} epochs; batch "
               f"{r.bs} x {r.accum} x {world}; lr {r.lr:.1e}; {r.precision} on {device}", flush=True)
     t0 = time.time()
-    fit_pretrain(learn, resume=resume)
+    sched = ParamScheduler({'lr': lr_schedule(learn.lr, r.epochs, r.warmup_epochs, r.min_lr)})
+    fit_resumable(learn, r.epochs, [sched], resume, check=lambda ck: check_resume(ck, r, r.epochs, path=resume))
     ev = learn.metrics[0].evaluator
     if rank == 0:
         stats = ev.stats()

@@ -26,335 +26,24 @@ from fastai.callback.training import GradientAccumulation
 from fastai.torch_core import default_device, defaults
 from timm.data import create_transform, Mixup, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import trunc_normal_
-from .encoder import ConvViT, to_hw
-from .models import create_model
-from .data import ImageFolderDataset, PretrainDL, UNREADABLE, eval_transform, pretrain_transform, show_images
-from .pretrain import (AnyDeviceMixedPrecision, ShardedTrainer, PretrainCheckpoint, RestoreState, SkipEpochs, RunLog,
-                                  adamw as _adamw, lr_schedule, atomic_save, unwrap, launch_setup, seed_rank,
-                                  load_checkpoint as load_own_checkpoint, UserError, check_args, check_output, prepare_output, run_cli,
-                                  call_parse_exact,
-                                  console_progress)
+from .encoder import ConvViT
+from .models import create_model, classifier_archs
+from .data import (ImageFolderDataset, PretrainDL, UNREADABLE, eval_transform, pretrain_transform, show_images,
+                              finetune_transform, finetune_eval_transform, classifier_dls)
 from fastai.distributed import rank_distrib, num_distrib
 from fastai.callback.progress import CSVLogger, ProgressCallback
+# the engine (Part II); its names stay importable from here as before
+from .cli import *
+from .checkpoint import *
+from .training import *
 
 # %% auto #0
-__all__ = ['SAFE_GLOBALS', 'EMA_PREFIX', 'FINETUNE_PRESETS', 'SETTING_KINDS', 'BadCheckpointError', 'CheckpointNotFoundError',
-           'UnsafeCheckpointError', 'load_checkpoint', 'CheckpointMismatchError', 'checkpoint_state_dict',
-           'checkpoint_layout', 'convert_state_dict', 'LoadReport', 'load_pretrained', 'convvit_layer_id',
-           'LayerGroups', 'layer_decay_groups', 'posterize_any_bits', 'finetune_transform', 'finetune_eval_transform',
-           'ClassifierDL', 'classifier_dls', 'finetune_dls', 'MixupCallback', 'SoftTargetLoss', 'TopK',
-           'UnscoredReport', 'precision_cbs', 'check_classes', 'CheckClasses', 'scaled_lr', 'adamw', 'finetune_learner',
-           'plot_top_losses', 'classifier_archs', 'check_settings', 'FinetuneCheckpoint', 'finetune', 'results',
-           'save_finetuned', 'one_line_warnings', 'print_results', 'main']
+__all__ = ['FINETUNE_PRESETS', 'SETTING_KINDS', 'finetune_dls', 'MixupCallback', 'SoftTargetLoss', 'TopK', 'UnscoredReport',
+           'check_classes', 'CheckClasses', 'scaled_lr', 'finetune_learner', 'plot_top_losses', 'check_settings',
+           'FinetuneCheckpoint', 'check_classifier_resume', 'finetune', 'results', 'save_finetuned',
+           'one_line_warnings', 'print_results', 'main']
 
-# %% ../nbs/07_finetune.ipynb #219fcabe
-#: classes a checkpoint may contain besides tensors and plain containers: the official files' `args`
-SAFE_GLOBALS = (argparse.Namespace,)
-
-class BadCheckpointError(UserError):
-    "A file that is not a readable checkpoint: empty, truncated, or not a PyTorch / safetensors file at all"
-
-class CheckpointNotFoundError(UserError, FileNotFoundError):
-    "A checkpoint path that does not name a file"
-
-class UnsafeCheckpointError(UserError, pickle.UnpicklingError):
-    "A checkpoint that needs more than `weights_only` unpickling (plus `SAFE_GLOBALS`) to load"
-
-def _blocked_global(msg: str) -> str|None:
-    "The global torch's safe unpickler refused, from its error message"
-    m = re.search(r'GLOBAL ([\w.]+)', msg) or re.search(r'global ([\w.]+) was not an allowed global', msg)
-    return m.group(1) if m else None
-
-def _torch_reason(msg: str) -> str:
-    "The informative line of a `weights_only` error, without torch's generic advice"
-    lines = [l.strip() for l in msg.splitlines() if l.strip()]
-    keep = [l for l in lines if not l.startswith(('Weights only load failed', 'Check the documentation', 'Please file an issue',
-                                                  'In PyTorch 2.6', 'Re-running'))]
-    line = (keep or lines or ['unknown reason'])[0]
-    return line.split('. ')[0] if len(line) > 120 else line  # first sentence of a long explanation
-
-def load_checkpoint(path, safe_globals=(), trusted: bool=False, map_location='cpu'):
-    "Read a checkpoint file without running code: safetensors, or `torch.load(weights_only=True)` allowing `SAFE_GLOBALS` + `safe_globals`"
-    path = Path(path).expanduser()
-    if not path.is_file(): raise CheckpointNotFoundError(f"checkpoint not found: {path}")
-    size = path.stat().st_size
-    if size == 0: raise BadCheckpointError(f"{path} is empty (0 bytes): not a checkpoint (an interrupted download or copy?)")
-    if path.suffix == '.safetensors':
-        from safetensors.torch import load_file
-        try: return load_file(str(path), device=str(map_location))
-        except Exception as e: raise BadCheckpointError(f"{path} is not a readable safetensors file: {e}") from None
-    with open(path, 'rb') as f: head = f.read(4)
-    if not (head.startswith(b'PK\x03\x04') or head[:1] == b'\x80'):  # torch's zip format, or a legacy pickle (protocol >= 2)
-        raise BadCheckpointError(f"{path} is not a PyTorch checkpoint (neither a torch.save zip archive nor a pickle; "
-                                 f"it starts with bytes {head!r})")
-    try:
-        if trusted: return torch.load(path, map_location=map_location, weights_only=False)  # the caller vouches for the file
-        with torch.serialization.safe_globals([*SAFE_GLOBALS, *safe_globals]):
-            return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        blocked = None if trusted else _blocked_global(str(e))
-        if blocked is None: raise BadCheckpointError(f"{path} is not a readable checkpoint: {_torch_reason(str(e))}") from None
-        mod, _, name = blocked.rpartition('.')
-        alias = f" (os.{name})" if mod in ('posix', 'nt') else ''
-        raise UnsafeCheckpointError(
-            f"{path} was refused: it contains the global {blocked!r}{alias}, which safe loading (weights_only=True) does not "
-            f"allow (it could run code); if you trust the file, allow-list the class with safe_globals=[...] or pass "
-            f"trusted=True (CLI: --trusted)") from None
-    except Exception as e:  # a truncated archive, random bytes after a plausible header, ...
-        raise BadCheckpointError(f"{path} is not a readable checkpoint (truncated or corrupt?): {type(e).__name__}: "
-                                 f"{_torch_reason(str(e)) if str(e) else 'no details'}") from None
-
-# %% ../nbs/07_finetune.ipynb #63e78e11
-_CONTAINER_KEYS = ('model', 'state_dict', 'model_ema', 'module')
-_PRETRAIN_ONLY = re.compile(r'^(decoder_|mask_token|stage1_output_decode\.|stage2_output_decode\.)')
-EMA_PREFIX = 'teachers.ema.'  # the EMA teacher's trunk in a MoR checkpoint (official names after the prefix)
-
-class CheckpointMismatchError(UserError):
-    "A checkpoint that does not fit the model (other architecture, widths or number of classes)"
-
-def checkpoint_state_dict(ckpt) -> tuple[dict, str]:
-    "`(state_dict, container)` from a loaded checkpoint: the first of `model`, `state_dict`, `model_ema`, `module`, or the dict itself"
-    if not isinstance(ckpt, dict): raise TypeError(f"a checkpoint must be a dict, got {type(ckpt).__name__}")
-    for k in _CONTAINER_KEYS:
-        if isinstance(ckpt.get(k), dict) and ckpt[k] and all(isinstance(v, Tensor) for v in ckpt[k].values()): return ckpt[k], k
-    if ckpt and all(isinstance(v, Tensor) for v in ckpt.values()): return ckpt, 'bare'
-    raise ValueError(f"no state dict in this checkpoint: its keys are {sorted(ckpt)[:10]}; expected one of {_CONTAINER_KEYS} "
-                     f"holding tensors, or a bare state dict")
-
-def _strip(k: str, prefixes=('module.', '_orig_mod.')) -> str:
-    while k.startswith(prefixes): k = k[len(next(p for p in prefixes if k.startswith(p))):]
-    return k
-
-def checkpoint_layout(sd: dict) -> str:
-    "'EasyCV pretraining', 'EasyCV classifier', 'MoR' or 'official', from the names of a (wrapper-stripped) state dict"
-    if any(k.startswith('encoder.patch_embed1.') for k in sd): return 'EasyCV pretraining'
-    if any(k.startswith('backbone.patch_embed1.') for k in sd): return 'EasyCV classifier'
-    if any(k.startswith((EMA_PREFIX, 'decoder_branches.')) for k in sd): return 'MoR'
-    return 'official'
-
-def _rename(k: str, layout: str, from_ema: bool) -> tuple[str|None, str]:
-    "(official name or None, why it is dropped) of checkpoint name `k`"
-    if layout == 'EasyCV pretraining':
-        if k.startswith('encoder.'): return k[len('encoder.'):], ''
-        return None, 'EasyCV decoder' if k.startswith('decoder.') else 'not in the EasyCV encoder'
-    if layout == 'EasyCV classifier':
-        if k.startswith('backbone.'): return k[len('backbone.'):], ''
-        if k.startswith('head_0.fc_cls.'): return 'head.' + k[len('head_0.fc_cls.'):], ''
-        return None, 'other EasyCV heads and necks'
-    if layout == 'MoR':
-        if k.startswith(EMA_PREFIX): return (k[len(EMA_PREFIX):], '') if from_ema else (None, 'MoR EMA teacher (from_ema=True loads it)')
-        if k.startswith('teachers.'): return None, 'MoR teachers'
-        if k.startswith('decoder_branches.'): return None, 'MoR decoder branches'
-    return k, ''
-
-def convert_state_dict(sd: dict, global_pool: bool=True, target=None, from_ema: bool=False) -> tuple[dict, dict, str]:
-    "Map a state dict of any supported layout to official ConvViT names: `(state_dict, dropped {reason: [keys]}, layout)`"
-    sd = {_strip(k): v for k, v in sd.items()}
-    layout = checkpoint_layout(sd)
-    if from_ema and not any(k.startswith(EMA_PREFIX) for k in sd):
-        raise CheckpointMismatchError(f"from_ema=True (CLI: --from_ema), but this {layout} checkpoint has no EMA teacher "
-                                      f"('{EMA_PREFIX}*' tensors): only MoR checkpoints with the 'ema' target have one")
-    keep = set(target) if target is not None else None
-    out, dropped = {}, {}
-    drop = lambda why, k: dropped.setdefault(why, []).append(k)
-    for k, v in sd.items():
-        name, why = _rename(k, layout, from_ema)
-        if name is None: drop(why, k); continue
-        pretrain_only, pre_norm = bool(_PRETRAIN_ONLY.match(name)), name.startswith('norm.')
-        unwanted = name not in keep if keep is not None else pretrain_only or (global_pool and pre_norm)
-        if unwanted and pretrain_only: drop('pretraining only (decoder, mask token, fusion)', k)
-        elif unwanted and pre_norm: drop('pretraining norm (global-pool classifiers use a new fc_norm)', k)
-        else: out[name] = v
-    if from_ema:  # the teacher's trunk replaces the student's: keep the student only where the teacher has nothing
-        ema = {k[len(EMA_PREFIX):] for k in sd if k.startswith(EMA_PREFIX)}
-        for k in [k for k in sd if k in ema]: drop('MoR student encoder (from_ema=True: the EMA teacher is loaded)', k)
-        out = {k: sd[EMA_PREFIX + k] if k in ema else v for k, v in out.items()}
-    if layout == 'official': layout = 'official pretraining' if dropped else 'official'
-    return out, dropped, layout
-
-# %% ../nbs/07_finetune.ipynb #f29f42f4
-@dataclass
-class LoadReport:
-    "What `load_pretrained` did"
-    source: str = ''
-    layout: str = ''
-    loaded: list = field(default_factory=list)
-    dropped: dict = field(default_factory=dict)
-    initialised: list = field(default_factory=list)
-    pos_embed_resampled: tuple|None = None
-    head_reset: bool = False
-    def __str__(self):
-        lines = [f"loaded {len(self.loaded)} tensors from {self.source} ({self.layout} layout)"]
-        for why, ks in self.dropped.items(): lines.append(f"  dropped {len(ks)} {why}: {_short(ks)}")
-        if self.pos_embed_resampled: lines.append(f"  pos_embed resampled from a {self.pos_embed_resampled[0]} to a {self.pos_embed_resampled[1]} grid")
-        if self.initialised: lines.append(f"  newly initialised{' (head reset)' if self.head_reset else ''}: {_short(self.initialised)}")
-        return '\n'.join(lines)
-    __repr__ = __str__
-
-def _short(ks, n=6) -> str: return ', '.join(ks[:n]) + (f' ... (+{len(ks) - n})' if len(ks) > n else '')
-
-def _grid_of(pe: Tensor) -> str:
-    s = math.isqrt(pe.shape[1]); return f"{s}x{s}" if s * s == pe.shape[1] else f"{pe.shape[1]}-token"
-
-def load_pretrained(model: ConvViT, ckpt, reset_head: bool=False, head_init_std: float=2e-5, safe_globals=(),
-                    trusted: bool=False, verbose: bool=True, from_ema: bool=False, source: str|None=None) -> LoadReport:
-    "Load a checkpoint (path or loaded dict) of any supported layout into `model`; raises `CheckpointMismatchError` listing every misfit"
-    source = source or (str(ckpt) if isinstance(ckpt, (str, Path)) else 'a state dict')
-    if isinstance(ckpt, (str, Path)): ckpt = load_checkpoint(ckpt, safe_globals, trusted)
-    sd, container = checkpoint_state_dict(ckpt)
-    own = model.state_dict()
-    sd, dropped, layout = convert_state_dict(sd, getattr(model, 'global_pool', True), target=own, from_ema=from_ema)
-    head_keys = [k for k in own if k.startswith('head.')]
-    if not head_keys:  # a model without a classifier (num_classes=0): any checkpoint head is not needed
-        for k in [k for k in sd if k.startswith('head.')]: dropped.setdefault('head (the model has none)', []).append(k); sd.pop(k)
-    fresh_ok = set(head_keys) | {k for k in own if k.startswith('fc_norm.')}  # what a pretraining checkpoint lacks
-    problems = []
-    ck_head = [k for k in head_keys if k in sd]
-    n_ck = sd['head.weight'].shape[0] if 'head.weight' in sd else None
-    n_m = own['head.weight'].shape[0] if 'head.weight' in own else None
-    if reset_head or (n_ck is not None and n_ck != n_m):
-        if reset_head:
-            for k in ck_head: dropped.setdefault('head (reset_head=True)', []).append(k); sd.pop(k)
-        else:
-            problems.append(f"the checkpoint's head has {n_ck} classes, the model's {n_m}: pass reset_head=True (CLI: "
-                            f"--reset_head) to start a new head, or build the model with num_classes={n_ck}")
-            for k in ck_head: sd.pop(k)  # reported once, not again as shape mismatches
-    missing = [k for k in own if k not in sd and k not in fresh_ok]
-    unexpected = [k for k in sd if k not in own]
-    shapes = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}" for k in sd
-              if k in own and k != 'pos_embed' and sd[k].shape != own[k].shape]
-    if 'pos_embed' in sd and sd['pos_embed'].shape[-1] != own['pos_embed'].shape[-1]:
-        shapes.append(f"pos_embed: checkpoint width {sd['pos_embed'].shape[-1]} vs model {own['pos_embed'].shape[-1]}")
-    if missing: problems.append(f"{len(missing)} model tensors missing from the checkpoint: {_short(missing)}")
-    if unexpected: problems.append(f"{len(unexpected)} checkpoint tensors the model does not have: {_short(unexpected)}")
-    if shapes: problems.append(f"{len(shapes)} shape mismatches: {_short(shapes, 4)}")
-    if problems:
-        arch = type(model).__name__ + f"(embed_dim={tuple(model.embed_dim)}, depth={tuple(model.depth)})"
-        raise CheckpointMismatchError(f"{source} ({layout} layout) does not fit {arch}: " + '; '.join(problems))
-    resampled = None
-    if 'pos_embed' in sd and sd['pos_embed'].shape != own['pos_embed'].shape:
-        resampled = (_grid_of(sd['pos_embed']), f"{model.grid[0]}x{model.grid[1]}")
-    initialised = [k for k in own if k not in sd]
-    res = model.load_state_dict(sd, strict=False)
-    assert not res.unexpected_keys and sorted(res.missing_keys) == sorted(initialised)
-    if any(k.startswith('head.') for k in initialised) and isinstance(model.head, nn.Linear):
-        trunc_normal_(model.head.weight, std=head_init_std); nn.init.zeros_(model.head.bias)
-    rep = LoadReport(source, f"{layout}, '{container}'", [k for k in sd], dropped, initialised, resampled,
-                     reset_head and bool(ck_head))
-    if verbose: print(rep)
-    return rep
-
-# %% ../nbs/07_finetune.ipynb #425c79bd
-def convvit_layer_id(name: str, num_layers: int) -> int:
-    "Official layer id of parameter `name` of a ConvViT with `num_layers` stage-3 blocks"
-    if name in ('cls_token', 'mask_token', 'pos_embed') or name.startswith(('patch_embed', 'blocks1', 'blocks2')): return 0
-    if name.startswith('blocks3.'): return int(name.split('.')[1]) + 1
-    return num_layers + 1
-
-@dataclass
-class LayerGroups:
-    "Parameter groups for fastai: `params[i]` trains at `lr * lr_scales[i]` with weight decay `wds[i]`"
-    params: list
-    lr_scales: list
-    wds: list
-    names: list
-    layer_ids: list
-    def __len__(self): return len(self.params)
-    def splitter(self, model=None) -> list: return self.params
-
-def layer_decay_groups(model: nn.Module, layer_decay: float=0.75, weight_decay: float=0.05, no_weight_decay=None) -> LayerGroups:
-    "Group `model`'s trainable parameters by (official layer id, decay or not), in layer order, for per-group lr and wd"
-    num_layers = len(model.blocks3)
-    skip = set(model.no_weight_decay() if no_weight_decay is None and hasattr(model, 'no_weight_decay') else no_weight_decay or ())
-    groups = {}
-    for n, p in model.named_parameters():
-        if not p.requires_grad: continue
-        lid = convvit_layer_id(n, num_layers)
-        no_wd = p.ndim == 1 or n in skip
-        g = groups.setdefault((lid, no_wd), dict(params=[], names=[]))
-        g['params'].append(p); g['names'].append(n)
-    keys = sorted(groups)
-    return LayerGroups(params=[groups[k]['params'] for k in keys],
-                       lr_scales=[layer_decay ** (num_layers + 1 - lid) for lid, _ in keys],
-                       wds=[0. if no_wd else weight_decay for _, no_wd in keys],
-                       names=[groups[k]['names'] for k in keys], layer_ids=[lid for lid, _ in keys])
-
-# %% ../nbs/07_finetune.ipynb #112f3a2c
-@patch
-def fit_warmup_cos(self: Learner, n_epoch: int, lr: float|None=None, warmup_epochs: float=5, min_lr: float=1e-6, cbs=None,
-                   reset_opt: bool=False, start_epoch: int=0):
-    "Fit `n_epoch` epochs with the official schedule: per-iteration warm-up then cosine, times each group's `lr_scales`"
-    if self.opt is None or reset_opt: self.create_opt()
-    lr = self.lr if lr is None else lr
-    scales = np.asarray(getattr(self, 'lr_scales', None) or [1.] * len(self.opt.param_lists))
-    if len(scales) != len(self.opt.param_lists): raise ValueError(f"{len(scales)} lr scales for {len(self.opt.param_lists)} parameter groups")
-    f = lr_schedule(lr * scales, n_epoch, warmup_epochs, min_lr * scales)
-    sched = {'lr': lambda pct: [float(v) for v in f(pct)]}  # plain floats: checkpoints stay `weights_only`-loadable
-    self.fit(n_epoch, cbs=[ParamScheduler(sched), *L(cbs)], start_epoch=start_epoch)
-
-# %% ../nbs/07_finetune.ipynb #21e3fbf6
-def posterize_any_bits(img, bits_to_keep, **__):
-    "timm's posterize with the old Pillow result for 0 bits (a black image) instead of Pillow >= 12's `ValueError`"
-    from PIL import Image, ImageOps
-    if bits_to_keep >= 8: return img
-    if bits_to_keep <= 0: return Image.new(img.mode, img.size)
-    return ImageOps.posterize(img, bits_to_keep)
-
-def _repair_posterize(tfm):
-    for t in getattr(tfm, 'transforms', []):
-        for op in getattr(t, 'ops', []):
-            if 'Posterize' in getattr(op, 'name', ''): op.aug_fn = posterize_any_bits
-    return tfm
-
-def finetune_transform(img_size=224, aa: str|None='rand-m9-mstd0.5-inc1', reprob: float=0.25, remode: str='pixel',
-                       recount: int=1, color_jitter=None, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD):
-    "The official fine-tuning training augmentation (timm `create_transform`: RandAugment, random erasing, bicubic)"
-    return _repair_posterize(create_transform(input_size=to_hw(img_size), is_training=True, color_jitter=color_jitter,
-                                              auto_augment=aa, interpolation='bicubic', re_prob=reprob, re_mode=remode,
-                                              re_count=recount, mean=mean, std=std))
-
-def finetune_eval_transform(img_size=224, crop_pct: float|None=None, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD):
-    "Resize to `img_size / crop_pct` (bicubic) and centre-crop; `crop_pct` = 224/256 up to 224 px, else 1, as the official code"
-    if crop_pct is None: crop_pct = 224 / 256 if max(to_hw(img_size)) <= 224 else 1.
-    return eval_transform(img_size, crop_pct, mean, std)
-
-# %% ../nbs/07_finetune.ipynb #b8dbab49
-class ClassifierDL(PretrainDL):
-    "`PretrainDL` for labelled data; `vocab` is the dataset's class names"
-    @property
-    def vocab(self): return CategoryMap(self.dataset.classes, sort=False)
-    @property
-    def c(self): return len(self.dataset.classes)
-
-def _split_dirs(path: Path) -> tuple[Path, Path]:
-    trn = path/'train'
-    val = next((path/o for o in ('val', 'valid') if (path/o).is_dir()), None)
-    if not trn.is_dir() or val is None: raise UserError(f"{path} must hold train/ and val/ (or valid/) class folders")
-    return trn, val
-
-def classifier_dls(path, train_tfm, valid_tfm, bs: int=64, num_workers: int|None=None, seed: int=0, device=None,
-                   rank: int=0, world_size: int=1, val_bs: int|None=None, pin_memory: bool|None=None,
-                   train_unreadable: str='replace', drop_last: bool=True) -> DataLoaders:
-    "fastai `DataLoaders` of `path/train` and `path/val` (ImageNet layout) with the given transforms"
-    path = Path(path).expanduser()
-    if not path.is_dir(): raise UserError(f"dataset folder not found: {path}")
-    trn, val = _split_dirs(path)
-    train_ds = ImageFolderDataset(trn, train_tfm, unreadable=train_unreadable)
-    valid_ds = ImageFolderDataset(val, valid_tfm, unreadable='mark')  # unreadable images are left out of the metrics, not replaced
-    if not train_ds.classes: raise UserError(f"{trn} has no class folders: fine-tuning needs labelled data (root/<class>/*.jpg)")
-    if valid_ds.classes != train_ds.classes:
-        raise UserError(f"the classes of {val} ({len(valid_ds.classes)}) differ from those of {trn} ({len(train_ds.classes)}): "
-                         f"{sorted(set(valid_ds.classes) ^ set(train_ds.classes))[:5]}")
-    n_train = math.ceil(len(train_ds) / world_size)
-    if drop_last and n_train < bs: raise UserError(f"{trn} has {len(train_ds)} images ({n_train} per process): fewer than one batch of {bs} (--bs)")
-    device = default_device() if device is None else torch.device(device)
-    nw = defaults.cpus if num_workers is None else num_workers
-    pin = device.type == 'cuda' if pin_memory is None else pin_memory
-    kw = dict(seed=seed, rank=rank, world_size=world_size, num_workers=nw, pin_memory=pin, device=device)
-    train = ClassifierDL(train_ds, bs=bs, shuffle=True, drop_last=drop_last, **kw)
-    valid = ClassifierDL(valid_ds, bs=val_bs or bs, shuffle=False, drop_last=False, **kw)
-    return DataLoaders(train, valid, path=path, device=device)
-
+# %% ../nbs/07_finetune.ipynb #273d686b
 def finetune_dls(path, img_size=224, bs: int=64, aa: str|None='rand-m9-mstd0.5-inc1', reprob: float=0.25, crop_pct=None,
                  **kwargs) -> DataLoaders:
     "Fine-tuning `DataLoaders`: `finetune_transform` for `train/`, `finetune_eval_transform` for `val/`"
@@ -435,13 +124,6 @@ class UnscoredReport(Callback):
             self.log(f"epoch {self.epoch}: {unscored} unreadable validation image(s) left out of the metrics "
                      f"(top-1/top-5 over the {scored} readable ones)")
 
-# %% ../nbs/07_finetune.ipynb #1efea862
-def precision_cbs(precision: str='fp32') -> list:
-    "Callbacks for `precision` in {'fp32', 'bf16', 'fp16'}"
-    if precision in ('fp32', None): return []
-    if precision in ('bf16', 'fp16'): return [AnyDeviceMixedPrecision(precision)]
-    raise ValueError(f"precision must be 'fp32', 'bf16' or 'fp16', got {precision!r}")
-
 # %% ../nbs/07_finetune.ipynb #1dded266
 def _n_out(model: nn.Module) -> int|None:
     m = model.module if hasattr(model, 'module') else model
@@ -468,10 +150,6 @@ def scaled_lr(blr: float, bs: int, world_size: int=1, accum: int=1) -> float:
     "The official rule: `lr = blr * (bs * world_size * accum) / 256`"
     return blr * bs * world_size * accum / 256
 
-def adamw(params, lr, betas=(0.9, 0.999), **kwargs) -> OptimWrapper:
-    "PyTorch AdamW (betas 0.9, 0.999 for fine-tuning) as a fastai optimizer: the pretraining chapter's `adamw`"
-    return _adamw(params, lr, betas=betas, **kwargs)
-
 def finetune_learner(dls, model: nn.Module, lr: float|None=None, blr: float=5e-4, layer_decay: float=0.65,
                      weight_decay: float=0.05, mixup: float=0.8, cutmix: float=1.0, mixup_prob: float=1.0,
                      mixup_switch_prob: float=0.5, smoothing: float=0.1, precision: str='fp32', world_size: int=1,
@@ -482,9 +160,9 @@ def finetune_learner(dls, model: nn.Module, lr: float|None=None, blr: float=5e-4
     n_cls = _n_out(model)
     groups = layer_decay_groups(model, layer_decay, weight_decay)
     lr = scaled_lr(blr, dls.train.bs, world_size, accum) if lr is None else lr
-    cbs = [CheckClasses(), UnscoredReport(), MixupCallback(n_cls, mixup, cutmix, prob=mixup_prob, switch_prob=mixup_switch_prob, smoothing=smoothing),
+    cbs = [CheckClasses(), UnscoredReport(), *nonfinite_cbs(), MixupCallback(n_cls, mixup, cutmix, prob=mixup_prob, switch_prob=mixup_switch_prob, smoothing=smoothing),
            *precision_cbs(precision), *([GradientAccumulation(dls.train.bs * accum)] if accum > 1 else []), *(cbs or [])]
-    learn = Learner(dls, model, loss_func=SoftTargetLoss(), opt_func=adamw, lr=lr, splitter=groups.splitter, wd=groups.wds,
+    learn = Learner(dls, model, loss_func=SoftTargetLoss(), opt_func=partial(adamw, betas=(0.9, 0.999)), lr=lr, splitter=groups.splitter, wd=groups.wds,
                     metrics=[TopK(1), TopK(5)], cbs=cbs, **kwargs)
     learn.lr_scales, learn.layer_groups = groups.lr_scales, groups
     return learn
@@ -519,11 +197,6 @@ SETTING_KINDS = dict(img_size='img_size', bs='pos_int', accum='pos_int', epochs=
                      mixup='nonneg', cutmix='nonneg', mixup_prob='unit', smoothing='unit', num_workers='nonneg_int',
                      crop_pct='pos', num_classes='pos_int')
 
-def classifier_archs() -> list[str]:
-    "The classifiers `finetune` and `linprobe` can build (the pretraining models are `fastconvmae_*` / `convmae_*`)"
-    from fastconvmae.models import MODELS
-    return sorted(a for a in MODELS if a.startswith('convvit_'))
-
 def check_settings(c: dict, seed: int=0):
     "Raise a one-line `UserError` naming the option for any setting of `c` (a preset with overrides) out of its range"
     check_args(seed=(seed, 'nonneg_int'), **{k: (c[k], kind) for k, kind in SETTING_KINDS.items() if k in c})
@@ -545,34 +218,14 @@ class FinetuneCheckpoint(PretrainCheckpoint):
     "The pretraining chapter's `PretrainCheckpoint`, also storing the run's settings so that a resume can check them"
     def state(self, *args, **kwargs): return {**super().state(*args, **kwargs), 'config': getattr(self.learn, 'config', None)}
 
-def _check_resume(ck: dict, c: dict, n_cls: int, path):
+def check_classifier_resume(ck: dict, c: dict, n_cls: int, path) -> list:
     "Refuse to continue a checkpoint of another classifier (architecture, image size, classes) in one line"
     saved = ck.get('config') or {}
     now = {'model': c['model'], 'img_size': c['img_size'], 'num_classes': n_cls}
     diff = [f"{k} {saved[k]} -> {v}" for k, v in now.items() if k in saved and saved[k] != v]
     if diff: raise UserError(f"{path} is a run of {saved.get('model')} at {saved.get('img_size')} px with {saved.get('num_classes')} "
                              f"classes; this one differs ({'; '.join(diff)}): resume with the run's settings")
-    if not isinstance(ck.get('model'), dict) or 'optimizer' not in ck or 'epoch' not in ck:
-        raise UserError(f"{path} is not a checkpoint-latest.pth of a fine-tuning or linear-probing run (use --checkpoint to start from weights)")
-
-def _progress(learn: Learner, show: bool, progress: str='bar'):
-    "fastai's progress bar (`'bar'`), one line per epoch on a non-terminal (`'auto'`), or nothing (`show=False`)"
-    if not show:
-        learn.remove_cbs([cb for cb in learn.cbs if isinstance(cb, ProgressCallback)]); learn.logger = lambda *a, **k: None
-    elif progress == 'auto': console_progress(learn)
-
-def _resume(learn: Learner, resume, c: dict, n_cls: int) -> list:
-    "Load model, optimizer and epoch of a `checkpoint-latest.pth`; the callbacks that restore the rest and skip the done epochs"
-    ck = load_own_checkpoint(resume)
-    _check_resume(ck, c, n_cls, resume)
-    try: unwrap(learn.model).load_state_dict(ck['model'])
-    except RuntimeError as e: raise UserError(f"{resume} does not fit {c['model']}: {str(e).strip().splitlines()[-1].strip()}") from None
-    learn.create_opt(); learn.opt.load_state_dict(ck['optimizer'])
-    learn.resume_epoch = ck['epoch'] + 1
-    if learn.resume_epoch >= c['epochs']:
-        raise UserError(f"{resume} already finished epoch {learn.resume_epoch} of {c['epochs']}: nothing left to train")
-    learn.dls.train.set_epoch(learn.resume_epoch)
-    return [RestoreState(ck), SkipEpochs(learn.resume_epoch)]
+    return []
 
 def finetune(data, preset: str='cpu', checkpoint=None, output_dir=None, reset_head: bool=False, trusted: bool=False,
              resume=None, device=None, seed: int=0, verbose: bool=True, fit: bool=True, cbs=None, overwrite: bool=False,
@@ -586,6 +239,7 @@ def finetune(data, preset: str='cpu', checkpoint=None, output_dir=None, reset_he
     if resume and not output_dir: output_dir = Path(resume).expanduser().parent   # a resumed run goes on in its folder
     if output_dir: check_output(output_dir, resume, overwrite)  # refuse a folder holding another run, touching nothing yet
     ck = load_checkpoint(checkpoint, trusted=trusted) if checkpoint and not resume else None  # a bad file stops here, before the data
+    res = read_resume(resume) if resume else None
     rank, world, device = launch_setup(seed, device)  # seeds torch: init, erasing, drop path; Python: RandAugment; NumPy: Mixup
     dls = finetune_dls(data, c['img_size'], c['bs'], c['aa'] or None, c['reprob'], c.get('crop_pct'), num_workers=c['num_workers'],
                        seed=seed, device=device, rank=rank, world_size=world)
@@ -602,19 +256,19 @@ def finetune(data, preset: str='cpu', checkpoint=None, output_dir=None, reset_he
     learn = finetune_learner(dls, model.to(device), lr=c.get('lr'), blr=c['blr'], layer_decay=c['layer_decay'],
                              weight_decay=c['weight_decay'], mixup=c['mixup'], cutmix=c['cutmix'], mixup_prob=c['mixup_prob'],
                              smoothing=c['smoothing'], precision=c['precision'], world_size=world, accum=c['accum'], cbs=cbs)
-    learn.config = {**c, 'num_classes': n_cls, 'preset': preset, 'checkpoint': str(checkpoint) if checkpoint else None,
+    learn.config = {**c, 'num_classes': n_cls, 'classes': list(dls.train.vocab), 'preset': preset,
+                    'checkpoint': str(checkpoint) if checkpoint else None,
                     'from_ema': from_ema, 'seed': seed, 'world_size': world}
     if world > 1: learn.add_cb(ShardedTrainer(sync_bn=False, cpu=device.type != 'cuda'))
-    _progress(learn, verbose and rank == 0, progress)
+    show_progress(learn, verbose and rank == 0, progress)
     if not fit: return learn
-    learn.resume_epoch = 0
-    fit_cbs = _resume(learn, resume, c, n_cls) if resume else []
     if rank == 0 and verbose:
         print(f"fine-tuning {c['model']} at {c['img_size']} px: {len(dls.train_ds)} train / {len(dls.valid_ds)} val images, "
               f"{n_cls} classes; batch {c['bs']} x {world} x {c['accum']}, lr {learn.lr:.2e}, {c['epochs']} epochs, {c['precision']} on {device}"
-              + (f"; resuming at epoch {learn.resume_epoch}" if resume else ''))
-    t0 = time.time()
-    learn.fit_warmup_cos(c['epochs'], warmup_epochs=c['warmup_epochs'], min_lr=c['min_lr'], cbs=fit_cbs, reset_opt=not resume)
+              + (f"; resuming at epoch {res['epoch'] + 1}" if resume else ''))
+    t0, cbs_fit = time.time(), []
+    learn.fit_warmup_cos(c['epochs'], warmup_epochs=c['warmup_epochs'], min_lr=c['min_lr'], cbs=cbs_fit, reset_opt=True,
+                         resume=res, check=lambda ck: check_classifier_resume(ck, c, n_cls, resume))
     learn.wall_time = time.time() - t0
     if out is not None and rank == 0: save_finetuned(learn, out/'finetuned.pth')
     return learn

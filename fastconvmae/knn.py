@@ -14,10 +14,11 @@ from torch import Tensor
 from fastcore.script import Param, store_true
 from fastai.learner import Metric
 from fastai.distributed import rank_distrib
-from .data import UNREADABLE
-from .models import create_model
-from .pretrain import unwrap, isolated_rng, UserError, check_args, run_cli, call_parse_exact
-from .finetune import finetune_eval_transform, classifier_dls, load_pretrained, load_checkpoint, classifier_archs
+from .data import UNREADABLE, finetune_eval_transform, classifier_dls
+from .models import create_model, classifier_archs
+from .cli import UserError, check_args, run_cli, call_parse_exact
+from .checkpoint import load_pretrained, load_checkpoint
+from .training import unwrap, isolated_rng
 
 # %% auto #0
 __all__ = ['pooled_features', 'extract_features', 'knn_predict', 'knn_accuracy', 'KNNEvaluator', 'KNNAccuracy', 'knn_metrics',

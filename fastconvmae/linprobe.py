@@ -20,12 +20,13 @@ from timm.layers import trunc_normal_
 from timm.optim import Lars
 from .encoder import ConvViT
 from .models import create_model
-from .data import pretrain_transform, UNREADABLE
-from .pretrain import (ShardedTrainer, RunLog, atomic_save, unwrap, launch_setup, seed_rank, UserError, check_args,
-                                  check_output, prepare_output, run_cli, call_parse_exact)
-from .finetune import (load_checkpoint, load_pretrained, classifier_dls, finetune_eval_transform, SoftTargetLoss, TopK,
-                                  CheckClasses, UnscoredReport, check_classes, check_settings, precision_cbs, scaled_lr, results,
-                                  FinetuneCheckpoint, one_line_warnings, print_results, _progress, _resume)
+from .data import pretrain_transform, UNREADABLE, classifier_dls, finetune_eval_transform
+from .cli import UserError, check_args, check_output, prepare_output, run_cli, call_parse_exact
+from .checkpoint import atomic_save, load_checkpoint, load_pretrained
+from .training import (ShardedTrainer, RunLog, unwrap, launch_setup, seed_rank, precision_cbs, show_progress,
+                                  read_resume, nonfinite_cbs)
+from .finetune import (SoftTargetLoss, TopK, CheckClasses, UnscoredReport, check_classes, check_settings, scaled_lr,
+                                  results, FinetuneCheckpoint, one_line_warnings, print_results, check_classifier_resume)
 
 # %% auto #0
 __all__ = ['LINPROBE_PRESETS', 'linprobe_model', 'lars', 'linprobe_dls', 'linprobe_learner', 'linprobe', 'extract_features',
@@ -64,7 +65,7 @@ def linprobe_learner(dls, model: ConvViT, lr: float|None=None, blr: float=0.1, w
     lr = scaled_lr(blr, dls.train.bs, world_size) if lr is None else lr
     learn = Learner(dls, model, loss_func=SoftTargetLoss(), opt_func=partial(lars, weight_decay=weight_decay), lr=lr,
                     splitter=lambda m: [[p for p in m.parameters() if p.requires_grad]], metrics=[TopK(1), TopK(5)],
-                    cbs=[CheckClasses(), UnscoredReport(), *precision_cbs(precision), *(cbs or [])], **kwargs)
+                    cbs=[CheckClasses(), UnscoredReport(), *nonfinite_cbs(), *precision_cbs(precision), *(cbs or [])], **kwargs)
     learn.lr_scales = None
     return learn
 
@@ -88,6 +89,7 @@ def linprobe(data, preset: str='cpu', checkpoint=None, output_dir=None, trusted:
     if resume and not output_dir: output_dir = Path(resume).expanduser().parent
     if output_dir: check_output(output_dir, resume, overwrite)  # refuse a folder holding another run, touching nothing yet
     ck = load_checkpoint(checkpoint, trusted=trusted) if checkpoint and not resume else None
+    res = read_resume(resume) if resume else None
     rank, world, device = launch_setup(seed, device)
     dls = linprobe_dls(data, c['img_size'], c['bs'], c.get('crop_pct'), num_workers=c['num_workers'], seed=seed, device=device,
                        rank=rank, world_size=world)
@@ -102,15 +104,14 @@ def linprobe(data, preset: str='cpu', checkpoint=None, output_dir=None, trusted:
         if rank == 0: cbs.append(RunLog(out/'history.csv'))
     learn = linprobe_learner(dls, linprobe_model(model).to(device), lr=c.get('lr'), blr=c['blr'], weight_decay=c['weight_decay'],
                              precision=c['precision'], world_size=world, cbs=cbs)
-    learn.config = {**c, 'num_classes': n_cls, 'preset': preset, 'checkpoint': str(checkpoint) if checkpoint else None,
+    learn.config = {**c, 'num_classes': n_cls, 'classes': list(dls.train.vocab), 'preset': preset, 'checkpoint': str(checkpoint) if checkpoint else None,
                     'from_ema': from_ema, 'seed': seed, 'world_size': world}
     if world > 1: learn.add_cb(ShardedTrainer(sync_bn=False, cpu=device.type != 'cuda'))
-    _progress(learn, verbose and rank == 0, progress)
+    show_progress(learn, verbose and rank == 0, progress)
     if not fit: return learn
-    learn.resume_epoch = 0
-    fit_cbs = _resume(learn, resume, c, n_cls) if resume else []
     t0 = time.time()
-    learn.fit_warmup_cos(c['epochs'], warmup_epochs=c['warmup_epochs'], min_lr=c['min_lr'], cbs=fit_cbs, reset_opt=not resume)
+    learn.fit_warmup_cos(c['epochs'], warmup_epochs=c['warmup_epochs'], min_lr=c['min_lr'], reset_opt=True, resume=res,
+                         check=lambda ck: check_classifier_resume(ck, c, n_cls, resume))
     learn.wall_time = time.time() - t0
     if out is not None and rank == 0:
         sd = {k: v.detach().cpu() for k, v in unwrap(learn.model).state_dict().items()}

@@ -25,7 +25,7 @@ __all__ = ['DECODER_ARCHS', 'TEACHING_TAG', 'TEACHING_WEIGHTS', 'default_cfgs', 
            'fastconvmae_convvit_base_patch16_dec512d8b', 'MODELS', 'RECONSTRUCTION_SPACES', 'MaskedAutoencoderConvViT',
            'normalise_patches', 'mse_kernel', 'masked_mse', 'weights_dir', 'convmae_convvit_base_patch16',
            'fastconvmae_convvit_base_patch16', 'convmae_convvit_small_patch16', 'fastconvmae_convvit_small_patch16',
-           'convmae_convvit_tiny_patch16', 'fastconvmae_convvit_tiny_patch16', 'create_model',
+           'convmae_convvit_tiny_patch16', 'fastconvmae_convvit_tiny_patch16', 'create_model', 'classifier_archs',
            'model_from_fixture_config', 'rel_err', 'reconstruct', 'show_views', 'read_weights', 'load_weights',
            'count_flops', 'ConvViT', 'convvit_base_patch16', 'convvit_small_patch16', 'convvit_tiny_patch16']
 
@@ -333,6 +333,10 @@ def create_model(name: str, **kwargs) -> nn.Module:
     return MODELS[name](**kwargs)
 
 _all_ = ['ConvViT', 'convvit_base_patch16', 'convvit_small_patch16', 'convvit_tiny_patch16']
+
+def classifier_archs() -> list[str]:
+    "The classifiers fine-tuning, probing, k-NN and prediction build (the pretraining models are `fastconvmae_*` / `convmae_*`)"
+    return sorted(a for a in MODELS if a.startswith('convvit_'))
 
 # %% ../nbs/03_models.ipynb #171a6efd
 def model_from_fixture_config(c: dict, complementary: bool) -> MaskedAutoencoderConvViT:

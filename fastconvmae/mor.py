@@ -26,13 +26,16 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from .encoder import ConvViTTrunk, CONVVIT_ARCHS, Attention
 from .maskconv import block_norm
 from .models import MaskedAutoencoderConvViT, DECODER_ARCHS, MODELS, masked_mse  # the loss of every target
-from .pretrain import PretrainRecipe, PRESETS, pretrain_learner, fit_pretrain, unwrap
+from .cli import UserError
+from .training import unwrap
+from .pretrain import PretrainRecipe, PRESETS, pretrain_learner, fit_pretrain, pretrain_archs
 from .data import pretrain_dls
 
 # %% auto #0
 __all__ = ['TEACHERS', 'TARGETS', 'MOR_PRESETS', 'normalize_tokens', 'EMATeacher', 'ema_momentum', 'TimmTeacher', 'timm_teacher',
            'DecoderBranch', 'MoROutput', 'default_split', 'MaskedAutoencoderConvViTMoR', 'EMAUpdate', 'TargetLoss',
-           'TargetLosses', 'MoRRecipe', 'build_teachers', 'mor_model', 'mor_learner', 'branch_params', 'shared_params']
+           'TargetLosses', 'MoRRecipe', 'build_teachers', 'mor_model', 'mor_learner', 'recipe_from_args',
+           'branch_params', 'shared_params']
 
 # %% ../nbs/06_mor.ipynb #1a71bda8
 def normalize_tokens(t: Tensor, eps: float=1e-6) -> Tensor:
@@ -352,6 +355,35 @@ def mor_learner(dls, recipe: MoRRecipe, model: MaskedAutoencoderConvViTMoR|None=
     if 'ema' in unwrap(model).targets: cbs.append(EMAUpdate(recipe.ema_start, recipe.ema_end))
     kwargs.setdefault('figures', 'pixel' in unwrap(model).targets)
     return pretrain_learner(dls, recipe, model=model, cbs=cbs, **kwargs)
+
+# %% ../nbs/06_mor.ipynb #a33daf48
+def recipe_from_args(preset: str, targets: tuple|None=None, **overrides) -> PretrainRecipe:
+    "The recipe of `preset` with `overrides`; with MoR `targets` (or a MoR preset) a `MoRRecipe`. Raises `UserError` on a bad choice."
+    presets = {**PRESETS, **MOR_PRESETS}
+    if preset not in presets: raise UserError(f"unknown preset {preset!r}; choose one of {', '.join(sorted(presets))}")
+    r = presets[preset]
+    if targets is not None and (isinstance(r, MoRRecipe) or tuple(targets) != ('pixel',)):
+        r = replace(r if isinstance(r, MoRRecipe) else MoRRecipe(**asdict(r)), targets=tuple(targets))
+    known = {f.name for f in fields(r)}
+    extra = [k for k, v in overrides.items() if v is not None and k not in known]
+    if extra: raise UserError(f"{', '.join('--' + k for k in extra)} only apply to a Mixture of Reconstructors (pass --targets)")
+    r = replace(r, **{k: v for k, v in overrides.items() if v is not None})
+    if r.arch not in pretrain_archs():
+        raise UserError(f"{r.arch!r} cannot be pretrained; choose one of {', '.join(pretrain_archs())}"
+                        + (" (convvit_* are the fine-tuning classifiers)" if r.arch in MODELS else ''))
+    if isinstance(r, MoRRecipe):
+        bad = [t for t in r.targets if t not in TARGETS]
+        if bad or not r.targets: raise UserError(f"unknown targets {','.join(bad) or '(none)'}; choose among {','.join(TARGETS)}")
+        if r.weights is not None and len(r.weights) != len(r.targets):
+            raise UserError(f"{len(r.weights)} --weights for {len(r.targets)} targets ({','.join(r.targets)})")
+    if r.warmup_epochs > r.epochs: raise UserError(f"--warmup_epochs {r.warmup_epochs} is longer than the {r.epochs} epochs")
+    if r.precision not in ('fp32', 'bf16', 'fp16'): raise UserError(f"--precision must be fp32, bf16 or fp16, got {r.precision!r}")
+    return r
+
+def _split(s: str|None, f=str) -> tuple|None:
+    if s is None: return None
+    try: return tuple(f(o.strip()) for o in s.split(',') if o.strip())
+    except ValueError: raise UserError(f"expected comma-separated numbers, got {s!r}") from None
 
 # %% ../nbs/06_mor.ipynb #8f08ecf6
 def branch_params(model: MaskedAutoencoderConvViTMoR, t: str) -> list[tuple[str, Tensor]]:

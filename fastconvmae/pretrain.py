@@ -5,39 +5,32 @@
 # %% ../nbs/05_pretrain.ipynb #750b19bf
 from __future__ import annotations
 import fastconvmae  # first: its import quiets a FutureWarning fastai triggers in torch.jit
-import argparse, contextlib, difflib, inspect, logging, math, os, random, re, shutil, signal, sys, time, warnings
+import math, os, random, sys, time, warnings
 from dataclasses import dataclass, asdict, replace, fields
-from functools import partial, wraps
+from functools import partial
 from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
 from fastcore.basics import store_attr
-from fastcore.script import anno_parser, bool_arg
 from fastai.learner import Learner
 from fastai.data.core import DataLoaders
-from fastai.callback.core import Callback, CancelFitException, CancelEpochException
-from fastcore.basics import noop
-from fastai.callback.schedule import ParamScheduler, SchedCos, SchedLin, combine_scheds
-from fastai.callback.fp16 import MixedPrecision
+from fastai.callback.core import Callback
+from fastai.callback.schedule import ParamScheduler
 from fastai.callback.training import GradientAccumulation, GradientClip
-from fastai.callback.progress import CSVLogger, ProgressCallback
-from fastai.optimizer import OptimWrapper
-from fastai.distributed import DistributedTrainer, DistributedDL, rank_distrib, num_distrib
-from fastai.torch_core import default_device
-from timm.optim import param_groups_weight_decay
+from fastai.callback.progress import ProgressCallback
+from fastai.distributed import rank_distrib, num_distrib
 from .models import MODELS, create_model, reconstruct, show_views, MaskedAutoencoderConvViT
 from .data import pretrain_dls, BadImageReport, PretrainDL
+# the engine (Part II); its names stay importable from here as before
+from .cli import *
+from .checkpoint import *
+from .training import *
+from .training import check_resume as _check_resume
 
 # %% auto #0
-__all__ = ['PRESETS', 'MODEL_FIELDS', 'RUN_FILES', 'PretrainRecipe', 'pretrain_param_groups', 'adamw', 'lr_schedule',
-           'AnyDeviceMixedPrecision', 'NonFiniteLossError', 'StopOnNonFinite', 'unwrap', 'rng_states', 'set_rng_states',
-           'isolated_rng', 'all_rng_states', 'atomic_save', 'load_checkpoint', 'PretrainCheckpoint', 'SkipEpochs',
-           'RestoreState', 'RunLog', 'ShardedTrainer', 'ReconstructionFigure', 'mae_loss', 'pretrain_learner',
-           'describe_recipe', 'check_resume', 'fit_pretrain', 'launch_setup', 'seed_rank', 'UserError', 'check_args',
-           'run_files', 'clean_stale_tmp', 'check_output', 'prepare_output', 'check_mode_options', 'worker_message',
-           'run_cli', 'exact_parser', 'call_parse_exact', 'EpochLines', 'console_progress', 'pretrain_archs',
-           'recipe_from_args', 'keep_published_batch', 'pretrain', 'main']
+__all__ = ['PRESETS', 'MODEL_FIELDS', 'PretrainRecipe', 'ReconstructionFigure', 'mae_loss', 'pretrain_learner', 'describe_recipe',
+           'check_resume', 'fit_pretrain', 'pretrain_archs']
 
 # %% ../nbs/05_pretrain.ipynb #d9a33f3f
 @dataclass
@@ -70,183 +63,6 @@ PRESETS = dict(
                                 img_size=224, precision='fp16', devices=8),
     cpu=PretrainRecipe(),
 )
-
-# %% ../nbs/05_pretrain.ipynb #6fc3dbb8
-def pretrain_param_groups(model: nn.Module, weight_decay: float=0.05) -> list[dict]:
-    "timm's weight-decay groups: no decay on 1-D params and `model.no_weight_decay()`; frozen params left out."
-    return param_groups_weight_decay(model, weight_decay, no_weight_decay_list=getattr(model, 'no_weight_decay', lambda: ())())
-
-def adamw(params, lr: float, betas=(0.9, 0.95), **kwargs) -> OptimWrapper:
-    "torch AdamW (fused where the device supports it, else foreach) wrapped for fastai."
-    try: return OptimWrapper(params, opt=partial(torch.optim.AdamW, fused=True), lr=lr, betas=betas, **kwargs)
-    except (RuntimeError, TypeError): return OptimWrapper(params, opt=partial(torch.optim.AdamW, foreach=True), lr=lr, betas=betas, **kwargs)
-
-def lr_schedule(lr: float, epochs: float, warmup_epochs: float, min_lr: float=0.):
-    "Linear warm-up from 0 to `lr`, then half-cosine to `min_lr`: MAE's per-iteration schedule, as fastai schedulers."
-    pct = min(max(warmup_epochs / epochs, 0.), 1.)
-    if pct == 0: return SchedCos(lr, min_lr)
-    if pct == 1: return SchedLin(0., lr)
-    return combine_scheds([pct, 1 - pct], [SchedLin(0., lr), SchedCos(lr, min_lr)])
-
-# %% ../nbs/05_pretrain.ipynb #48e5a19f
-class AnyDeviceMixedPrecision(MixedPrecision):
-    "fastai's `MixedPrecision` with autocast and grad scaler on the device of the data (CPU or GPU)."
-    def before_fit(self):
-        dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16}[self.amp_mode.value]
-        dev = getattr(self.dls, 'device', None) or default_device()
-        dev = torch.device(dev).type
-        self.kwargs['enabled'] = dtype == torch.float16  # bf16 needs no loss scaling
-        self.autocast = torch.autocast(dev, dtype=dtype)
-        self.learn.scaler, self.scales = torch.amp.GradScaler(dev, **self.kwargs), []
-
-# %% ../nbs/05_pretrain.ipynb #543acb14
-class NonFiniteLossError(RuntimeError): "Training stopped because the loss became NaN or infinite."
-
-class StopOnNonFinite(Callback):
-    "Cancel the fit at the first non-finite training loss, recording why in `learn.nonfinite`."
-    order = MixedPrecision.order - 5
-    def before_fit(self): self.learn.nonfinite = None
-    def after_loss(self):
-        if self.training and not torch.isfinite(self.loss).item():
-            self.learn.nonfinite = (f"loss became {self.loss.item()} at epoch {self.epoch}, iteration {self.iter}; "
-                                    f"training stopped before the update (lower the lr, add clipping, or use bf16)")
-            raise CancelFitException()
-
-# %% ../nbs/05_pretrain.ipynb #3cf32b7d
-def unwrap(model: nn.Module) -> nn.Module:
-    "The model inside a DDP (or similar) wrapper."
-    return getattr(model, 'module', model)
-
-def rng_states() -> dict:
-    "Random states of torch, CUDA, Python and NumPy, as `weights_only`-loadable objects."
-    np_state = np.random.get_state()
-    return dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-                python=random.getstate(), numpy=(np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]))
-
-def set_rng_states(s: dict):
-    "Restore what `rng_states` saved."
-    torch.set_rng_state(s['torch'])
-    if s['cuda'] and torch.cuda.is_available(): torch.cuda.set_rng_state_all(s['cuda'])
-    random.setstate(tuple(tuple(o) if isinstance(o, list) else o for o in s['python']))
-    n = s['numpy']
-    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), *n[2:]))
-
-@contextlib.contextmanager
-def isolated_rng(seed: int|None=None):
-    "Run a block that draws random numbers (a figure, an evaluation) without moving the training's random streams."
-    saved = rng_states()
-    try:
-        if seed is not None: torch.manual_seed(seed); random.seed(seed); np.random.seed(seed)
-        yield
-    finally: set_rng_states(saved)
-
-def all_rng_states() -> list[dict]:
-    "Every rank's `rng_states()` (a list of one outside DDP); a collective call: every rank must make it."
-    import torch.distributed as dist
-    s = rng_states()
-    if num_distrib() < 2 or not dist.is_initialized(): return [s]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, s)
-    return out
-
-def atomic_save(obj, path) -> Path:
-    "`torch.save` to a temporary file in the same folder, fsync, then rename over `path`."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f'.{path.name}.tmp-{os.getpid()}')
-    try:
-        with open(tmp, 'wb') as f:
-            torch.save(obj, f); f.flush(); os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists(): tmp.unlink()
-    return path
-
-def load_checkpoint(path) -> dict:
-    "Load a checkpoint safely (`weights_only=True`), with a clear error for a missing or unreadable file."
-    path = Path(path)
-    if not path.is_file(): raise FileNotFoundError(f"checkpoint not found: {path}")
-    if path.stat().st_size == 0: raise ValueError(f"cannot read checkpoint {path}: the file is empty")
-    try: return torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:
-        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"cannot read checkpoint {path}: {why}") from e
-
-# %% ../nbs/05_pretrain.ipynb #7d6682b4
-class PretrainCheckpoint(Callback):
-    "Every `every` epochs and after the last, rank 0 writes `checkpoint-latest.pth` atomically (and keeps `checkpoint-{epoch}.pth` if `keep`)."
-    order = 99  # after validation, logging and figures of the epoch
-    def __init__(self, output, every: int=1, keep: bool=False, recipe: PretrainRecipe|None=None): store_attr()
-
-    def state(self, rngs: list[dict]) -> dict:
-        scaler, rec = getattr(self.learn, 'scaler', None), self.recorder
-        return dict(model=unwrap(self.model).state_dict(), optimizer=self.opt.state_dict(), epoch=self.epoch,
-                    scaler=scaler.state_dict() if scaler is not None else None, rng=rngs[0], rng_per_rank=rngs,
-                    recipe=asdict(self.recipe) if self.recipe else None,
-                    recorder=dict(smooth_val=rec.smooth_loss.val.detach().float().cpu(), smooth_count=rec.smooth_loss.count,
-                                  losses=torch.tensor([float(o) for o in rec.losses]), lrs=torch.tensor([float(o) for o in rec.lrs])))
-
-    def after_epoch(self):
-        if self.epoch < getattr(self.learn, 'resume_epoch', 0): return  # skipped on resume
-        if (self.epoch + 1) % self.every and self.epoch + 1 != self.n_epoch: return
-        rngs = all_rng_states()  # collective: every rank sends its random states, rank 0 saves them all
-        if rank_distrib(): return
-        state = self.state(rngs)
-        atomic_save(state, Path(self.output) / 'checkpoint-latest.pth')
-        if self.keep: atomic_save(state, Path(self.output) / f'checkpoint-{self.epoch:04d}.pth')
-
-class SkipEpochs(Callback):
-    "fastai's `SkipToEpoch`, without logging empty rows for the skipped epochs."
-    order = 65  # after Recorder (50) and CSVLogger (60) have set up their loggers
-    def __init__(self, start: int): self.start = start
-    def before_fit(self): self.logger_ = self.learn.logger
-    def before_epoch(self):
-        if self.epoch < self.start:
-            self.learn.logger = noop
-            raise CancelEpochException()
-        self.learn.logger = self.logger_
-
-class RestoreState(Callback):
-    "On resume: restore the grad scaler and this rank's random states once everything else is set up, and the smoothed loss."
-    order = 12  # after MixedPrecision (10) and DistributedTrainer (11) have built theirs
-    def __init__(self, ckpt: dict): self.ckpt = ckpt
-    def before_fit(self):
-        if self.ckpt.get('scaler') and getattr(self.learn, 'scaler', None) is not None:
-            self.learn.scaler.load_state_dict(self.ckpt['scaler'])
-        per_rank, rank = self.ckpt.get('rng_per_rank') or [self.ckpt['rng']], rank_distrib()
-        if len(per_rank) != max(num_distrib(), 1) and rank == 0:
-            warnings.warn(f"resuming with {max(num_distrib(), 1)} processes a run saved by {len(per_rank)}: the random streams "
-                          "of the extra ranks start afresh, so the run is not an exact continuation")
-        if rank < len(per_rank): set_rng_states(per_rank[rank])
-    def before_epoch(self):  # Recorder resets its smoothed loss in before_fit: put it back before the first trained epoch
-        rec = self.ckpt.get('recorder')
-        if rec is None or self.epoch != getattr(self.learn, 'resume_epoch', 0): return
-        self.recorder.smooth_loss.val, self.recorder.smooth_loss.count = rec['smooth_val'], rec['smooth_count']
-        self.recorder.losses = [o for o in rec['losses']]
-        self.recorder.lrs = rec['lrs'].tolist()
-
-class RunLog(CSVLogger):
-    "fastai's `CSVLogger` for runs that resume: one header, and one row per epoch (on resume, the rows after the checkpoint's epoch are dropped first)."
-    def __init__(self, fname='log.csv'): super().__init__(fname, append=True)
-    def before_fit(self):
-        if hasattr(self, 'gather_preds'): return
-        p = self.path / self.fname
-        keep = getattr(self.learn, 'resume_epoch', 0)
-        rows = p.read_text().splitlines()[1:] if keep and p.exists() else []
-        rows = [l for l in rows if l.split(',', 1)[0].isdigit() and int(l.split(',', 1)[0]) < keep]
-        tmp = p.with_name(f'.{p.name}.tmp-{os.getpid()}')
-        tmp.write_text('\n'.join([','.join(self.recorder.metric_names)] + rows) + '\n'); os.replace(tmp, p)
-        self.file = p.open('a')
-        self.old_logger, self.learn.logger = self.logger, self._write_line
-
-# %% ../nbs/05_pretrain.ipynb #ebf85253
-class ShardedTrainer(DistributedTrainer):
-    "fastai's `DistributedTrainer`, letting `PretrainDL`s shard themselves instead of wrapping them in `DistributedDL`."
-    def _wrap_dl(self, dl):
-        if isinstance(dl, PretrainDL):
-            dl.rank, dl.world_size = rank_distrib(), num_distrib()
-            dl.n = math.ceil(len(dl.dataset) / dl.world_size)
-            return dl
-        return super()._wrap_dl(dl)
 
 # %% ../nbs/05_pretrain.ipynb #5fa6d6bb
 class ReconstructionFigure(Callback):
@@ -303,7 +119,7 @@ def pretrain_learner(dls: DataLoaders, recipe: PretrainRecipe|None=None, model: 
     eff_bs = dls.train.bs * r.accum * world
     output = Path(output)
     if not rank_distrib(): output.mkdir(parents=True, exist_ok=True)
-    cbs = list(cbs or []) + [StopOnNonFinite()]
+    cbs = list(cbs or []) + nonfinite_cbs()
     if r.precision != 'fp32': cbs.append(AnyDeviceMixedPrecision(r.precision))
     if r.accum > 1: cbs.append(GradientAccumulation(dls.train.bs * r.accum))
     if r.clip: cbs.append(GradientClip(r.clip))
@@ -333,49 +149,14 @@ def describe_recipe(r: dict) -> str:
 
 def check_resume(ck: dict, recipe, epochs: int, force: bool=False, path='checkpoint') -> list[str]:
     "Refuse to continue a checkpoint whose model or method differs from `recipe` (unless `force`); return notes on other changed settings."
-    saved, now = ck.get('recipe') or {}, asdict(recipe)
-    norm = lambda v: tuple(v) if isinstance(v, list) else v
-    diff = [f for f in MODEL_FIELDS if saved and (tuple(saved.get(f) or ('pixel',)) != tuple(now.get(f) or ('pixel',)) if f == 'targets'
-                                                  else f in saved and f in now and norm(saved[f]) != norm(now[f]))]
-    if diff and not force:
-        raise UserError(f"{path} holds {describe_recipe(saved)}, but this run is {describe_recipe(now)} (differs in "
-                         f"{', '.join(diff)}): resume with the checkpoint's settings, or pass --force_resume to load it anyway")
-    notes = [f"{f} {saved[f]} -> {now[f]}" for f in now if f in saved and f not in MODEL_FIELDS and norm(saved[f]) != norm(now[f])]
-    if ck['epoch'] + 1 >= epochs: raise UserError(f"{path} already finished epoch {ck['epoch'] + 1} of {epochs}: nothing left to train")
-    return notes
-
-def _load_model_state(model: nn.Module, sd: dict, path) -> None:
-    "`load_state_dict(strict=True)` with a short summary instead of hundreds of size errors."
-    own = model.state_dict()
-    missing, unexpected = [k for k in own if k not in sd], [k for k in sd if k not in own]
-    shapes = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in sd if k in own and sd[k].shape != own[k].shape]
-    if missing or unexpected or shapes:
-        raise UserError(f"{path} does not fit the model: {len(missing)} missing, {len(unexpected)} unexpected, "
-                         f"{len(shapes)} of another shape" + (f" (e.g. {shapes[0]})" if shapes else
-                         f" (e.g. {(missing or unexpected)[0]})"))
-    model.load_state_dict(sd)
+    return _check_resume(ck, recipe, epochs, force, path, model_fields=MODEL_FIELDS, describe=describe_recipe)
 
 def fit_pretrain(learn: Learner, epochs: int|None=None, resume=None, force_resume: bool=False) -> Learner:
     "Train with the recipe's warm-up + cosine schedule for `epochs` (default: the recipe's), optionally resuming from a checkpoint."
     r = learn.recipe
     epochs = epochs or r.epochs
-    learn.resume_epoch = 0
-    cbs = [ParamScheduler({'lr': lr_schedule(learn.lr, epochs, r.warmup_epochs, r.min_lr)})]
-    if resume:
-        ck = load_checkpoint(resume)
-        notes = check_resume(ck, r, epochs, force_resume, resume)
-        if notes and not rank_distrib(): print(f"note: resuming {resume} with changed settings: {'; '.join(notes)}")
-        _load_model_state(unwrap(learn.model), ck['model'], resume)
-        if learn.opt is None: learn.create_opt()
-        learn.opt.load_state_dict(ck['optimizer'])
-        learn.resume_epoch = ck['epoch'] + 1
-        if isinstance(learn.dls.train, PretrainDL): learn.dls.train.set_epoch(learn.resume_epoch)
-        cbs += [RestoreState(ck), SkipEpochs(learn.resume_epoch)]
-    learn.fit(epochs, cbs=cbs)
-    if getattr(learn, 'nonfinite', None):
-        last = Path(learn.path) / 'checkpoint-latest.pth'
-        raise NonFiniteLossError(learn.nonfinite + (f"; last good checkpoint: {last}" if last.exists() else ''))
-    return learn
+    sched = ParamScheduler({'lr': lr_schedule(learn.lr, epochs, r.warmup_epochs, r.min_lr)})
+    return fit_resumable(learn, epochs, [sched], resume, check=lambda ck: check_resume(ck, r, epochs, force_resume, resume))
 
 # %% ../nbs/05_pretrain.ipynb #187767e9
 def _state_close(a: dict, b: dict, atol=1e-6):
@@ -383,335 +164,12 @@ def _state_close(a: dict, b: dict, atol=1e-6):
     assert a.keys() == b.keys()
     return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
 
-# %% ../nbs/05_pretrain.ipynb #29026286
-def launch_setup(seed: int=0, device=None) -> tuple[int, int, torch.device]:
-    "Seed torch, Python and NumPy with `seed` (the same on every rank); return (rank, world size, device), the device being this process's GPU (`LOCAL_RANK`) or the CPU."
-    torch.manual_seed(seed); random.seed(seed); np.random.seed(seed)
-    if device is None:
-        device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0))) if torch.cuda.is_available() else torch.device('cpu')
-    return rank_distrib(), max(num_distrib(), 1), torch.device(device)
-
-def seed_rank(seed: int=0) -> int:
-    "Once the model is built, reseed torch, Python and NumPy with `seed + rank`: each rank draws its own masks, drop paths, augmentations and mixes (the official `seed + rank`)."
-    s = seed + rank_distrib()
-    torch.manual_seed(s); random.seed(s); np.random.seed(s)
-    return s
-
-# %% ../nbs/05_pretrain.ipynb #834f10c3
-class UserError(ValueError):
-    "A mistake in what the user asked for: console scripts print `error: <message>` and exit with status 2."
-
-_KINDS = {
-    'pos_int': (lambda v: isinstance(v, int) and v > 0, 'a positive integer'),
-    'nonneg_int': (lambda v: isinstance(v, int) and v >= 0, 'a non-negative integer'),
-    'pos': (lambda v: math.isfinite(v) and v > 0, 'a positive number'),
-    'nonneg': (lambda v: math.isfinite(v) and v >= 0, 'a non-negative number'),
-    'unit': (lambda v: 0 <= v <= 1, 'a number in [0, 1]'),
-    'open_unit': (lambda v: 0 < v < 1, 'a number strictly between 0 and 1'),
-    'img_size': (lambda v: isinstance(v, int) and v > 0 and v % 16 == 0, 'a positive multiple of 16'),
-}
-
-def check_args(**named) -> None:
-    "Validate command-line numbers given as `name=(value, kind)`, kind one of `_KINDS`; `None` values are skipped."
-    for name, (v, kind) in named.items():
-        if v is None: continue
-        ok, what = _KINDS[kind]
-        if isinstance(v, bool) or not ok(v): raise UserError(f"--{name} must be {what}, got {v}")
-
-#: files that mark a folder as holding a run
-RUN_FILES = re.compile(r'^(checkpoint-(latest|\d+)\.pth|log\.csv|history\.csv|finetuned\.pth|linprobe\.pth)$')
-
-def run_files(folder, products=()) -> list[Path]:
-    "The files of a previous run in `folder`: checkpoints and logs, and the names in `products` (what the command writes besides)."
-    folder = Path(folder)
-    return sorted(p for p in folder.iterdir() if RUN_FILES.match(p.name) or p.name in products) if folder.is_dir() else []
-
-def _alive(pid: int) -> bool:
-    try: os.kill(pid, 0)
-    except ProcessLookupError: return False
-    except (PermissionError, OSError): return True
-    return True
-
-def clean_stale_tmp(folder) -> list[Path]:
-    "Remove the `.NAME.tmp-PID` files left by saves that were killed (their process is gone)."
-    out = []
-    for p in Path(folder).glob('.*.tmp-*'):
-        pid = p.name.rsplit('-', 1)[-1]
-        if pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid)): continue
-        p.unlink(missing_ok=True); out.append(p)
-    return out
-
-_RUNNING = {}  # the output folder of the command being run, for the Ctrl-C message
-
-def check_output(output, resume=None, overwrite: bool=False, products=()) -> Path:
-    "Check, touching nothing, that `output` may receive this run: a folder holding another run's files (or any of `products`) is refused unless resuming it or `overwrite`."
-    out = Path(output).expanduser().absolute()
-    if out.exists() and not out.is_dir(): raise UserError(f"output {out} exists and is not a folder")
-    old = run_files(out, products)
-    res = Path(resume).expanduser().absolute() if resume else None
-    if old and not overwrite:
-        if res is None:
-            raise UserError(f"{out} already holds a run ({', '.join(p.name for p in old)}): continue it with "
-                            f"--resume {out / 'checkpoint-latest.pth'}, replace it with --overwrite, or choose another output folder")
-        if res.parent != out:
-            raise UserError(f"{out} holds another run than {res}: resume into the checkpoint's folder, or pass --overwrite")
-    return out
-
-def prepare_output(output, resume=None, overwrite: bool=False, products=('reconstructions',)) -> Path:
-    "The output folder (relative to the working directory), once every input has been checked: `check_output`, then create it; with `overwrite`, delete the earlier run's files; clean stale temporary files."
-    out = check_output(output, resume, overwrite, products)
-    if not rank_distrib():
-        out.mkdir(parents=True, exist_ok=True)
-        res = Path(resume).expanduser().absolute() if resume else None
-        if overwrite and res is None:
-            for p in run_files(out, products):
-                if p.is_dir(): shutil.rmtree(p)
-                else: p.unlink()
-        clean_stale_tmp(out)
-    _RUNNING['output'] = out
-    return out
-
-def check_mode_options(prog: str, mode: str, given: dict, modes: dict, hints: dict|None=None, what: str='mode') -> None:
-    "Refuse, in one line that names the right option, what `mode` of `prog` does not take: `given` maps option names to values (None or False: not given), `modes` each mode to its options, `hints` a `(mode, option)` or an option to advice."
-    if mode not in modes: raise UserError(f"unknown {what} {mode!r}: choose {', '.join(modes)}")
-    hints = hints or {}
-    for k, v in given.items():
-        if v is None or v is False or k in modes[mode]: continue
-        hint = hints.get((mode, k)) or hints.get(k) or f"it is an option of {' and '.join(m for m in modes if k in modes[m])}"
-        raise UserError(f"--{k} does not apply to `{prog} {mode}`: {hint}")
-
-def worker_message(msg: str) -> str|None:
-    "The exception a data-loading worker raised, without the worker's traceback that PyTorch folds into the message (None if it is not one)."
-    m = re.search(r'in DataLoader worker process (\d+)\.\s*Original (.*)', msg, re.S)
-    if not m: return None
-    tb = m.group(2).rsplit('Traceback (most recent call last):\n', 1)[-1].splitlines()  # the last exception of a chain
-    last = max((i for i, l in enumerate(tb) if l.startswith('  File ')), default=-1)
-    start = next((i for i in range(last + 1, len(tb)) if tb[i] and not tb[i][0].isspace()), len(tb))
-    kind, _, text = '\n'.join(tb[start:]).partition(': ')
-    if kind.startswith('fastconvmae.'): return text  # our own errors name the file and the problem
-    return f"{text} ({kind.rsplit('.', 1)[-1]} in data-loading worker {m.group(1)})"
-
-def _one_line(e: BaseException) -> str:
-    msg = str(e).strip()
-    msg = worker_message(msg) or msg
-    lines = [re.sub(r'^\s*(- )?', '', l).rstrip() for l in msg.strip().splitlines() if l.strip(' -')]
-    if not lines: return type(e).__name__
-    return lines[0] + (' ' + '; '.join(lines[1:]) if len(lines) > 1 else '')
-
-def run_cli(fn, *args, debug: bool=False, **kwargs) -> None:
-    "Run a command line's body: user mistakes (and missing files) become one `error: ...` line (exit 2), other failures one line (exit 1), Ctrl-C `interrupted; last checkpoint: ...` (exit 130); tracebacks only with `debug`."
-    import pickle
-    who = f"[rank {rank_distrib()}] " if num_distrib() > 1 else ''
-    try: fn(*args, **kwargs)
-    except KeyboardInterrupt:
-        if debug: raise
-        ck = _RUNNING['output'] / 'checkpoint-latest.pth' if 'output' in _RUNNING else None
-        print(f"{who}interrupted; last checkpoint: {ck}" if ck is not None and ck.exists() else f"{who}interrupted before the first checkpoint",
-              file=sys.stderr, flush=True)
-        sys.exit(130)
-    except Exception as e:
-        if debug: raise
-        user = isinstance(e, (UserError, ValueError, TypeError, OSError, pickle.UnpicklingError, ImportError))
-        hint = '' if user else f" ({type(e).__name__}; rerun with --debug for the traceback)"
-        print(f"{who}error: {_one_line(e)}{hint}", file=sys.stderr, flush=True)
-        sys.exit(2 if isinstance(e, (UserError, FileNotFoundError, NotADirectoryError)) else 1)  # a path the user gave: their mistake
-
-def exact_parser(func, prog: str|None=None) -> argparse.ArgumentParser:
-    "fastcore's `anno_parser` for `func`, with prefix matching turned off: `--output` is never taken for `--output_dir`."
-    p = anno_parser(func, prog=prog)
-    p.allow_abbrev = False
-    def error(msg):  # one line, exit 2, and the option the user probably meant
-        opts = [o for a in p._actions for o in a.option_strings if o.startswith('--')]
-        bad = re.findall(r'(?<!\w)--[\w-]+', msg) if msg.startswith('unrecognized') else []
-        hint = '; '.join(f"did you mean {m[0]}?" for w in bad for m in [difflib.get_close_matches(w, opts, n=1, cutoff=.6)] if m)
-        print(f"error: {msg}" + (f" ({hint})" if hint else '') + f" (see {p.prog} --help)", file=sys.stderr, flush=True)
-        sys.exit(2)
-    p.error = error
-    return p
-
-def call_parse_exact(func):
-    "fastcore's `call_parse` with `exact_parser`: a console script's `main()` parses `sys.argv`; called with arguments, it is a function."
-    def _run():
-        a = vars(exact_parser(func).parse_args())
-        for k in ('pdb', 'xtra'): a.pop(k, None)
-        return func(**a)
-    @wraps(func)
-    def _f(*args, **kwargs): return func(*args, **kwargs) if args or kwargs else _run()
-    g = inspect.currentframe().f_back.f_globals   # `python -m fastconvmae.<task>` (torchrun, accelerate launch): run now
-    if g.get('__name__') == '__main__' and g.get('__file__') and Path(g['__file__']).resolve() == Path(func.__code__.co_filename).resolve():
-        return _run()
-    return _f
-
-class EpochLines(Callback):
-    "One printed line per epoch (for log files and pipes) instead of fastai's live progress bar."
-    order = 59  # before CSVLogger (60) wraps the logger
-    def before_fit(self): self.old_logger, self.learn.logger = self.logger, self._write
-    def _write(self, log):
-        fmt = lambda n, v: f"{n} {v:.4f}" if isinstance(v, float) else f"{n} {v}"
-        print('  '.join(fmt(n, v) for n, v in zip(self.recorder.metric_names, log)), flush=True)
-    def after_fit(self): self.learn.logger = self.old_logger
-
-def console_progress(learn: Learner, stream=None) -> Learner:
-    "Rank 0 on a terminal keeps the live progress bar; written to a file or a pipe, one line per epoch; other ranks print nothing."
-    stream = stream or sys.stdout
-    if rank_distrib() or not stream.isatty():
-        learn.remove_cbs([cb for cb in learn.cbs if isinstance(cb, (ProgressCallback, EpochLines))])
-        if rank_distrib(): learn.logger = noop
-        else: learn.add_cb(EpochLines())
-    return learn
-
 # %% ../nbs/05_pretrain.ipynb #97644483
 def pretrain_archs() -> list[str]:
     "The architectures `fastconvmae_pretrain` can train (classifiers such as `convvit_base_patch16` are for fine-tuning)."
     return sorted(a for a in MODELS if a.startswith(('fastconvmae_', 'convmae_')))
 
-def recipe_from_args(preset: str, targets: tuple|None=None, **overrides) -> PretrainRecipe:
-    "The recipe of `preset` with `overrides`; with MoR `targets` (or a MoR preset) a `MoRRecipe`. Raises `UserError` on a bad choice."
-    from .mor import MoRRecipe, MOR_PRESETS, TARGETS
-    presets = {**PRESETS, **MOR_PRESETS}
-    if preset not in presets: raise UserError(f"unknown preset {preset!r}; choose one of {', '.join(sorted(presets))}")
-    r = presets[preset]
-    if targets is not None and (isinstance(r, MoRRecipe) or tuple(targets) != ('pixel',)):
-        r = replace(r if isinstance(r, MoRRecipe) else MoRRecipe(**asdict(r)), targets=tuple(targets))
-    known = {f.name for f in fields(r)}
-    extra = [k for k, v in overrides.items() if v is not None and k not in known]
-    if extra: raise UserError(f"{', '.join('--' + k for k in extra)} only apply to a Mixture of Reconstructors (pass --targets)")
-    r = replace(r, **{k: v for k, v in overrides.items() if v is not None})
-    if r.arch not in pretrain_archs():
-        raise UserError(f"{r.arch!r} cannot be pretrained; choose one of {', '.join(pretrain_archs())}"
-                        + (" (convvit_* are the fine-tuning classifiers)" if r.arch in MODELS else ''))
-    if isinstance(r, MoRRecipe):
-        bad = [t for t in r.targets if t not in TARGETS]
-        if bad or not r.targets: raise UserError(f"unknown targets {','.join(bad) or '(none)'}; choose among {','.join(TARGETS)}")
-        if r.weights is not None and len(r.weights) != len(r.targets):
-            raise UserError(f"{len(r.weights)} --weights for {len(r.targets)} targets ({','.join(r.targets)})")
-    if r.warmup_epochs > r.epochs: raise UserError(f"--warmup_epochs {r.warmup_epochs} is longer than the {r.epochs} epochs")
-    if r.precision not in ('fp32', 'bf16', 'fp16'): raise UserError(f"--precision must be fp32, bf16 or fp16, got {r.precision!r}")
-    return r
-
-def keep_published_batch(r: PretrainRecipe, world: int, user_set_batch: bool) -> tuple[PretrainRecipe, str|None]:
-    "On fewer devices than the recipe's, accumulate gradients to keep its effective batch `bs x devices` (unless the user set the batch)."
-    if user_set_batch or r.devices <= world: return r, None
-    need, per_step = r.bs * r.accum * r.devices, r.bs * world
-    if need % per_step:
-        return r, f"note: the recipe's batch {need} is not a multiple of {r.bs} x {world} processes; training with {per_step * r.accum}"
-    r = replace(r, accum=need // per_step)
-    return r, (f"note: the recipe's batch is {r.bs} x {r.devices} devices = {need}; on {world} process{'es' if world > 1 else ''} "
-               f"gradients are accumulated over {r.accum} steps to keep it (set --bs or --accum to change this)")
-
-def _extra_loggers(output: Path, tensorboard: bool, wandb: bool) -> list:
-    cbs = []
-    if tensorboard:
-        try: from fastai.callback.tensorboard import TensorBoardCallback
-        except ImportError as e: raise ImportError("--tensorboard needs `pip install tensorboard`") from e
-        cbs.append(TensorBoardCallback(log_dir=output / 'tensorboard', trace_model=False))
-    if wandb:
-        try: from fastai.callback.wandb import WandbCallback
-        except ImportError as e: raise ImportError("--wandb needs `pip install wandb`") from e
-        cbs.append(WandbCallback(log_preds=False, log_model=False))
-    return cbs
-
-def _split(s: str|None, f=str) -> tuple|None:
-    if s is None: return None
-    try: return tuple(f(o.strip()) for o in s.split(',') if o.strip())
-    except ValueError: raise UserError(f"expected comma-separated numbers, got {s!r}") from None
-
-# %% ../nbs/05_pretrain.ipynb #ae4e4984
-def pretrain(data='data', preset='cpu', targets=None, weights=None, dino_weights=None, clip_weights=None, dino_model=None,
-             clip_model=None, shared_depth=None, branch_depth=None, ema_start=None, random_teachers=False, arch=None, epochs=None,
-             warmup_epochs=None, bs=None, blr=None, img_size=None, mask_ratio=None, norm_pix_loss=None, precision=None, accum=None,
-             clip=None, workers=None, n_train=None, resume=None, force_resume=False, output=None, overwrite=False, save_every=1,
-             seed=0, tensorboard=False, wandb=False, dry_run=False, knn_every=0, knn_data=None, knn_train=None, compile=False,
-             fast_decode=False):
-    "The body of `fastconvmae_pretrain` (see `main` for the options)."
-    check_args(epochs=(epochs, 'pos_int'), warmup_epochs=(warmup_epochs, 'nonneg'), bs=(bs, 'pos_int'), blr=(blr, 'pos'),
-               img_size=(img_size, 'img_size'), mask_ratio=(mask_ratio, 'open_unit'), accum=(accum, 'pos_int'), clip=(clip, 'pos'),
-               workers=(workers, 'nonneg_int'), n_train=(n_train, 'pos_int'), save_every=(save_every, 'nonneg_int'),
-               seed=(seed, 'nonneg_int'), ema_start=(ema_start, 'unit'), shared_depth=(shared_depth, 'nonneg_int'),
-               branch_depth=(branch_depth, 'pos_int'), knn_every=(knn_every, 'nonneg_int'), knn_train=(knn_train, 'pos_int'))
-    r = recipe_from_args(preset, _split(targets), weights=_split(weights, float), dino_model=dino_model, clip_model=clip_model,
-                         shared_depth=shared_depth, branch_depth=branch_depth, ema_start=ema_start, arch=arch, epochs=epochs,
-                         warmup_epochs=warmup_epochs, bs=bs, blr=blr, img_size=img_size, mask_ratio=mask_ratio,
-                         norm_pix_loss=norm_pix_loss, precision=precision, accum=accum, clip=clip)
-    mor = hasattr(r, 'targets')
-    rank, world, device = launch_setup(seed)
-    r, note = keep_published_batch(r, world, bs is not None or accum is not None)
-    if dry_run:
-        if note: print(note)
-        print(f"{describe_recipe(asdict(r))}: {asdict(r)}"); return
-    if mor:
-        from .mor import build_teachers, mor_learner
-        if random_teachers and {'dino', 'clip'} & set(r.targets) and rank == 0:
-            warnings.warn("--random_teachers: the DINO/CLIP teachers have RANDOM weights (smoke tests and timing only)")
-        teachers = build_teachers(r, dino_weights, clip_weights, random_init=random_teachers)
-    dls = pretrain_dls(data, img_size=r.img_size, bs=r.bs, num_workers=workers, seed=seed, device=device,
-                       rank=rank, world_size=world, n_train=n_train, fast_decode=fast_decode)
-    output = prepare_output(output or (Path(resume).parent if resume else 'runs/pretrain'), resume, overwrite)
-    cbs = _extra_loggers(output, tensorboard, wandb) if rank == 0 else None
-    learn = (mor_learner(dls, r, teachers=teachers, output=output, save_every=save_every, cbs=cbs) if mor else
-             pretrain_learner(dls, r, output=output, save_every=save_every, cbs=cbs))
-    if knn_every:  # k-NN accuracy of the encoder as log columns (knn chapter)
-        from .knn import knn_metrics
-        learn.metrics = list(learn.metrics) + knn_metrics(knn_data or data, r.img_size, every=knn_every, n_train=knn_train)
-    model = unwrap(learn.model)
-    if device.type == 'cuda': model.to(memory_format=torch.channels_last)  # cuDNN's fast layout for the convolutions
-    if compile:  # in place: parameter names and checkpoints stay those of the eager model
-        logging.getLogger('torch.utils.cpp_extension').setLevel(logging.ERROR)  # inductor's build notes are not the user's business
-        model.compile(dynamic=False)  # one graph per batch shape (training, the last batch, validation)
-    seed_rank(seed)
-    console_progress(learn)
-    if rank == 0:
-        m = unwrap(learn.model)
-        n_p = sum(p.numel() for p in m.parameters() if p.requires_grad) / 1e6
-        what = f" + MoR {'+'.join(f'{t}x{w:g}' for t, w in m.loss_weights.items())} (S={m.shared_depth}, N={m.branch_depth})" if mor else ''
-        if note: print(note)
-        print(f"{r.arch}{what}: {n_p:.1f} M trained params; {len(dls.train.dataset)} images; {r.epochs} epochs; batch {r.bs} x "
-              f"{r.accum} x {world} = {learn.eff_bs}; lr {learn.lr:.2e}; {r.precision} on {device}", flush=True)
-    fit_pretrain(learn, resume=resume, force_resume=force_resume)
-    if rank == 0: print(f"done: checkpoint-latest.pth, log.csv{', loss.png and reconstructions/' if not mor or 'pixel' in r.targets else ''} in {output}")
-
-@call_parse_exact
-def main(data: str='data', # image folder: ImageNet layout (train/<class>/*, val/) or a flat folder of images
-         preset: str='cpu', # recipe: cpu, fastconvmae_base, convmae_base, fastconvmae_base_ct (MoR "C+T": EMA, DINO, CLIP) or fastconvmae_base_ct_pixel
-         targets: str=None, # Mixture of Reconstructors: comma-separated targets among pixel, ema, dino, clip (default: the preset's; pixel alone = plain MAE)
-         weights: str=None, # MoR: comma-separated loss weights, one per target (default: all 1)
-         dino_weights: str=None, # MoR: local checkpoint of the DINO teacher (default: download from the hub)
-         clip_weights: str=None, # MoR: local checkpoint of the CLIP teacher (default: download from the hub)
-         dino_model: str=None, # MoR: timm name of the DINO teacher (default vit_base_patch16_224.dino)
-         clip_model: str=None, # MoR: timm name of the CLIP teacher (default vit_base_patch16_clip_quickgelu_224.openai)
-         shared_depth: int=None, # MoR: decoder blocks shared by all targets (S)
-         branch_depth: int=None, # MoR: decoder blocks of each target's branch (N)
-         ema_start: float=None, # MoR: EMA momentum at the start (rises to 1 by half-cosine)
-         random_teachers: bool=False, # MoR: random-weight DINO/CLIP teachers (smoke tests and timing only)
-         arch: str=None, # model (default: the preset's), e.g. fastconvmae_convvit_small_patch16 or convmae_convvit_base_patch16
-         epochs: int=None, # epochs (schedule length)
-         warmup_epochs: float=None, # linear warm-up epochs
-         bs: int=None, # batch size per device
-         blr: float=None, # base learning rate (lr = blr x effective batch / 256)
-         img_size: int=None, # training resolution (divisible by 16)
-         mask_ratio: float=None, # fraction of patches hidden in each view
-         norm_pix_loss: bool_arg=None, # predict per-patch normalised pixels (True in every official recipe; False for visualisation models)
-         precision: str=None, # fp32, bf16 or fp16
-         accum: int=None, # gradient accumulation steps (default: the recipe's, or what keeps its published batch)
-         clip: float=None, # max gradient norm
-         workers: int=None, # data loading processes per device
-         n_train: int=None, # use only this many training images (quick runs)
-         resume: str=None, # checkpoint-latest.pth of a run to continue (into its own folder unless --output)
-         force_resume: bool=False, # resume even if the checkpoint's method or architecture differs from this run's
-         output: str=None, # folder for checkpoints, logs and figures (default runs/pretrain)
-         overwrite: bool=False, # replace the run already in --output
-         save_every: int=1, # checkpoint every N epochs (and after the last)
-         seed: int=0, # seed of the data order and initialisation (each rank then draws with seed + rank)
-         tensorboard: bool=False, # also log to TensorBoard (needs tensorboard)
-         wandb: bool=False, # also log to Weights & Biases (needs wandb)
-         knn_every: int=0, # every N epochs, log the weighted k-NN accuracy of the encoder (0: never)
-         knn_data: str=None, # labelled ImageNet-layout folder for k-NN (default: --data)
-         knn_train: int=None, # k-NN memory bank: an evenly spaced subset of this many training images (default: all)
-         compile: bool=False, # torch.compile the model (GPU: faster steps after minutes of compiling; CPU: measured no faster)
-         fast_decode: bool=False, # decode large JPEGs at 1/2-1/8 scale, never below what the smallest crop needs (faster loading)
-         dry_run: bool=False, # print the resolved recipe and exit
-         debug: bool=False, # show tracebacks instead of one-line errors
-        ):
-    "Pretrain ConvMAE / Fast ConvMAE, optionally with a Mixture of Reconstructors, with a fastai Learner (one process, or one per device under torchrun / accelerate launch)."
-    kw = {k: v for k, v in locals().items() if k != 'debug'}
-    run_cli(pretrain, debug=debug, **kw)
+# %% ../nbs/05_pretrain.ipynb #b188bf13
+#| eval: false
+if __name__ == '__main__':  # `python -m fastconvmae.pretrain` (torchrun, accelerate launch) is `fastconvmae pretrain`
+    from fastconvmae.command import pretrain_main; pretrain_main()

@@ -28,12 +28,12 @@ from fastai.distributed import rank_distrib, num_distrib
 from fastai.torch_core import default_device, defaults
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from .data import ImageFolderDataset, BadImageError, BadImageWarning, BadImageReport, PretrainDL, load_rgb, denormalize
-from .pretrain import (AnyDeviceMixedPrecision, ShardedTrainer, PretrainCheckpoint, RestoreState, SkipEpochs, StopOnNonFinite,
-                                  NonFiniteLossError, RunLog, atomic_save, unwrap, launch_setup, seed_rank, check_resume,
-                                  _load_model_state, load_checkpoint as load_own_checkpoint, UserError, check_args,
-                                  check_output, prepare_output, run_cli, console_progress, keep_published_batch, worker_message,
-                                  check_mode_options, call_parse_exact)
-from .finetune import convvit_layer_id, LayerGroups, adamw
+from .cli import (UserError, check_args, check_output, prepare_output, run_cli, worker_message, check_mode_options,
+                             call_parse_exact)
+from .checkpoint import atomic_save, load_checkpoint
+from .training import (AnyDeviceMixedPrecision, ShardedTrainer, PretrainCheckpoint, nonfinite_cbs, NonFiniteLossError,
+                                  RunLog, unwrap, launch_setup, seed_rank, check_resume, fit_resumable, console_progress,
+                                  keep_published_batch, convvit_layer_id, LayerGroups, adamw)
 from .backbone import convvit_seg, load_backbone
 
 # %% auto #0
@@ -671,7 +671,7 @@ def seg_learner(dls: DataLoaders, model: UperNet, recipe: SegRecipe|None=None, o
     r = recipe or SegRecipe()
     groups = seg_param_groups(unwrap(model), r.layer_decay, r.weight_decay)
     world, rank = max(num_distrib(), 1), rank_distrib()
-    cbs = list(cbs or []) + [StopOnNonFinite(), *_precision_cbs(r.precision), BadImageReport()]
+    cbs = list(cbs or []) + [*nonfinite_cbs(), *_precision_cbs(r.precision), BadImageReport()]
     if r.accum > 1: cbs.append(GradientAccumulation(dls.train.bs * r.accum))
     if output is not None:
         output = Path(output)
@@ -696,20 +696,10 @@ def fit_segment(learn: Learner, resume=None, force_resume: bool=False) -> Learne
     if learn.opt is None: learn.create_opt()
     f = poly_lr(learn.lr * np.asarray(learn.lr_scales), r.iters, r.warmup_iters, r.power, r.min_lr)
     cbs = [ParamScheduler({'lr': lambda pct: [float(v) for v in f(pct)]})]  # plain floats: weights_only checkpoints
-    learn.resume_epoch = 0
-    if resume:  # as in pretraining: weights, optimiser, then (at fit time) scaler, random states, loss history, data position
-        ck = load_own_checkpoint(resume)
-        notes = check_resume(ck, r, epochs, force_resume, resume)
-        if notes and not rank_distrib(): print(f"note: resuming {resume} with changed settings: {'; '.join(notes)}")
-        _load_model_state(unwrap(learn.model), ck['model'], resume)
-        learn.opt.load_state_dict(ck['optimizer'])
-        learn.resume_epoch = ck['epoch'] + 1
-        learn.dls.train.set_epoch(learn.resume_epoch)
-        cbs += [RestoreState(ck), SkipEpochs(learn.resume_epoch)]
-    t0 = time.time()
-    learn.fit(epochs, cbs=cbs)
+    t0 = time.time()  # resuming as every task does: weights, optimiser, scaler, random states, loss history, data position
+    fit_resumable(learn, epochs, cbs, resume, check=lambda ck: check_resume(ck, r, epochs, force_resume, resume, model_fields=('arch',),
+                                                                   describe=lambda s: f"UperNet with ConvViT-{s.get('arch')}"))
     learn.wall_time = time.time() - t0
-    if getattr(learn, 'nonfinite', None): raise NonFiniteLossError(learn.nonfinite)
     return learn
 
 # %% ../nbs/11_segmentation.ipynb #202c97fb
@@ -736,7 +726,7 @@ def save_segmenter(learn: Learner, path, classes=None) -> Path:
 
 def load_segmenter(path, device='cpu', **test_cfg) -> tuple[UperNet, dict]:
     "A trained segmenter and its saved record from `save_segmenter`'s file; `test_cfg` overrides the inference settings"
-    ck = load_own_checkpoint(path)
+    ck = load_checkpoint(path)
     if not {'model', 'recipe', 'num_classes'} <= set(ck): raise ValueError(f"{path} is not a segmenter saved by fastconvmae_segment train")
     r = SegRecipe(**{k: tuple(v) if isinstance(v, list) else v for k, v in ck['recipe'].items()})
     model = create_segmentor(replace(r, drop_path=0.), ck['num_classes'])

@@ -13,8 +13,8 @@ from torch import Tensor
 import torch.nn as nn
 from .masking import upsample_mask, load_demo_image, num_views
 from .models import MaskedAutoencoderConvViT, create_model, reconstruct, load_weights, TEACHING_WEIGHTS
-from .pretrain import check_args, UserError, run_cli, call_parse_exact
-from .finetune import load_checkpoint
+from .cli import check_args, UserError, run_cli, call_parse_exact
+from .checkpoint import load_checkpoint
 
 # %% auto #0
 __all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'load_model', 'as_convmae', 'normalise', 'to_rgb', 'show_mae_demo', 'stage3_tokens',
