@@ -4,7 +4,7 @@
 
 # %% ../nbs/21_checkpoint.ipynb #a2d07dd5
 from __future__ import annotations
-import argparse, math, os, pickle, re
+import argparse, math, os, pickle, re, warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 import torch
@@ -73,7 +73,8 @@ def load_checkpoint(path, safe_globals=(), trusted: bool=False, map_location='cp
                                  f"it starts with bytes {head!r})")
     try:
         if trusted: return torch.load(path, map_location=map_location, weights_only=False)  # the caller vouches for the file
-        with torch.serialization.safe_globals([*SAFE_GLOBALS, *safe_globals]):
+        with torch.serialization.safe_globals([*SAFE_GLOBALS, *safe_globals]), warnings.catch_warnings():
+            warnings.filterwarnings('ignore', message='Detected pickle protocol')  # a corrupt file: the error below says it once
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         blocked = None if trusted else _blocked_global(str(e))

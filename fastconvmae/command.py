@@ -4,7 +4,9 @@
 
 # %% ../nbs/23_command.ipynb #716877c1
 from __future__ import annotations
-import importlib, os, sys
+import importlib, logging, os, sys, warnings
+from dataclasses import asdict
+from pathlib import Path
 from fastcore.script import bool_arg
 from .cli import UserError, check_args, prepare_output, run_cli, call_parse_exact
 
@@ -60,7 +62,7 @@ def run_pretrain(data='data', preset='cpu', targets=None, weights=None, dino_wei
              seed=0, tensorboard=False, wandb=False, dry_run=False, knn_every=0, knn_data=None, knn_train=None, compile=False,
              fast_decode=False):
     "The body of `fastconvmae pretrain` (see `pretrain_main` for the options): pretraining, MoR and the k-NN monitor composed."
-    from fastconvmae.training import launch_setup, seed_rank, unwrap, console_progress, extra_loggers
+    from fastconvmae.training import launch_setup, seed_rank, unwrap, console_progress, extra_loggers, read_resume
     from fastconvmae.data import pretrain_dls
     from fastconvmae.pretrain import pretrain_learner, fit_pretrain, keep_published_batch, describe_recipe
     from fastconvmae.mor import recipe_from_args, _split
@@ -77,7 +79,10 @@ def run_pretrain(data='data', preset='cpu', targets=None, weights=None, dino_wei
     mor = hasattr(r, 'targets')
     rank, world, device = launch_setup(seed)
     r, note = keep_published_batch(r, world, bs is not None or accum is not None)
-    if dry_run:
+    if dry_run:  # the data is checked too: a dry run that passes is a run that starts
+        from fastconvmae.data import find_images
+        if not Path(data).expanduser().is_dir(): raise UserError(f"data folder not found: {data}")
+        print(f"data: {len(find_images(data)[0])} images in {data}")
         if note: print(note)
         print(f"{describe_recipe(asdict(r))}: {asdict(r)}"); return
     if mor:
@@ -87,6 +92,7 @@ def run_pretrain(data='data', preset='cpu', targets=None, weights=None, dino_wei
         teachers = build_teachers(r, dino_weights, clip_weights, random_init=random_teachers)
     dls = pretrain_dls(data, img_size=r.img_size, bs=r.bs, num_workers=workers, seed=seed, device=device,
                        rank=rank, world_size=world, n_train=n_train, fast_decode=fast_decode)
+    res = read_resume(resume) if resume else None  # a file of the wrong kind stops here, before the output folder is touched
     output = prepare_output(output or (Path(resume).parent if resume else 'runs/pretrain'), resume, overwrite)
     cbs = extra_loggers(output, tensorboard, wandb) if rank == 0 else None
     learn = (mor_learner(dls, r, teachers=teachers, output=output, save_every=save_every, cbs=cbs) if mor else
@@ -108,7 +114,7 @@ def run_pretrain(data='data', preset='cpu', targets=None, weights=None, dino_wei
         if note: print(note)
         print(f"{r.arch}{what}: {n_p:.1f} M trained params; {len(dls.train.dataset)} images; {r.epochs} epochs; batch {r.bs} x "
               f"{r.accum} x {world} = {learn.eff_bs}; lr {learn.lr:.2e}; {r.precision} on {device}", flush=True)
-    fit_pretrain(learn, resume=resume, force_resume=force_resume)
+    fit_pretrain(learn, resume=res, force_resume=force_resume)
     if rank == 0: print(f"done: checkpoint-latest.pth, log.csv{', loss.png and reconstructions/' if not mor or 'pixel' in r.targets else ''} in {output}")
 
 @call_parse_exact

@@ -48,8 +48,8 @@ __all__ = ['MEAN_FILL', 'STAT_NAMES', 'DETECTION_PRESETS', 'DETECT_MODES', 'find
            'DetectionDL', 'DetectionCallback', 'detection_loss', 'DetectionRecorder', 'to_coco_results',
            'COCOEvaluator', 'COCOMetric', 'coco_metrics', 'gt_as_predictions', 'DetectionRecipe',
            'detection_param_groups', 'coco_dls', 'DetectionCheckpoint', 'model_args', 'detection_learner',
-           'detection_recipe', 'format_stats', 'train_detection', 'load_detector', 'evaluate_detection',
-           'predict_detection', 'main']
+           'fit_detection', 'detection_recipe', 'format_stats', 'train_detection', 'load_detector',
+           'evaluate_detection', 'predict_detection', 'main']
 
 # %% ../nbs/10_detection.ipynb #98dac305
 def _quiet(fn, *args, **kwargs):
@@ -524,6 +524,12 @@ def detection_learner(dls: DataLoaders, recipe: DetectionRecipe|None=None, model
         if rank_distrib(): learn.remove_cb(ProgressCallback)
     return learn
 
+def fit_detection(learn: Learner, resume=None) -> Learner:
+    "Train for the recipe's epochs (warm-up, then cosine, per iteration), continuing `resume` exactly if given: the engine's one resumable fit"
+    r = learn.recipe
+    sched = ParamScheduler({'lr': lr_schedule(learn.lr, r.epochs, r.warmup_epochs, r.min_lr)})
+    return fit_resumable(learn, r.epochs, [sched], resume, check=lambda ck: check_resume(ck, r, r.epochs, path=resume))
+
 # %% ../nbs/10_detection.ipynb #27a3655e
 def detection_recipe(preset: str='cpu', **overrides) -> DetectionRecipe:
     "The recipe of `preset` with the non-None `overrides`."
@@ -564,8 +570,7 @@ def train_detection(data, preset: str='cpu', output='runs/detect', pretrained=No
               f"{len(dls.valid.dataset)} val images, {len(dls.train.dataset.cat_ids)} classes; {r.epochs} epochs; batch "
               f"{r.bs} x {r.accum} x {world}; lr {r.lr:.1e}; {r.precision} on {device}", flush=True)
     t0 = time.time()
-    sched = ParamScheduler({'lr': lr_schedule(learn.lr, r.epochs, r.warmup_epochs, r.min_lr)})
-    fit_resumable(learn, r.epochs, [sched], resume, check=lambda ck: check_resume(ck, r, r.epochs, path=resume))
+    fit_detection(learn, resume)
     ev = learn.metrics[0].evaluator
     if rank == 0:
         stats = ev.stats()

@@ -156,7 +156,8 @@ def fit_pretrain(learn: Learner, epochs: int|None=None, resume=None, force_resum
     r = learn.recipe
     epochs = epochs or r.epochs
     sched = ParamScheduler({'lr': lr_schedule(learn.lr, epochs, r.warmup_epochs, r.min_lr)})
-    return fit_resumable(learn, epochs, [sched], resume, check=lambda ck: check_resume(ck, r, epochs, force_resume, resume))
+    path = resume.get('path') if isinstance(resume, dict) else resume
+    return fit_resumable(learn, epochs, [sched], resume, check=lambda ck: check_resume(ck, r, epochs, force_resume, path))
 
 # %% ../nbs/05_pretrain.ipynb #187767e9
 def _state_close(a: dict, b: dict, atol=1e-6):

@@ -7,7 +7,7 @@ from fastconvmae.detection import (CocoInstances, find_split, LargeScaleJitter, 
                                    gt_as_predictions, detection_param_groups, DetectionRecipe, coco_dls, detection_learner,
                                    evaluate_detection, COCOEvaluator)
 from fastconvmae.data import BadImageWarning
-from fastconvmae.pretrain import fit_pretrain
+from fastconvmae.detection import fit_detection
 from fastai.callback.progress import ProgressCallback
 
 SHARED = Path(__file__).resolve().parents[1].parent / 'shared' / 'data'
@@ -97,7 +97,7 @@ def _learner(root, out, epochs=2, precision='bf16'):
 
 def test_train_checkpoint_and_exact_resume(syn4, tmp_path):
     syn = syn4
-    a = _learner(syn, tmp_path / 'a'); fit_pretrain(a)
+    a = _learner(syn, tmp_path / 'a'); fit_detection(a)
     b1 = _learner(syn, tmp_path / 'b', epochs=2)
     # stop after the first epoch by training a 2-epoch schedule for one epoch, then resume the rest
     from fastai.callback.core import Callback, CancelFitException
@@ -105,11 +105,11 @@ def test_train_checkpoint_and_exact_resume(syn4, tmp_path):
         order = 100
         def after_epoch(self):
             if self.epoch == 0: raise CancelFitException()
-    b1.add_cb(StopAfter()); fit_pretrain(b1); b1.remove_cb(StopAfter)
+    b1.add_cb(StopAfter()); fit_detection(b1); b1.remove_cb(StopAfter)
     ck = torch.load(tmp_path / 'b' / 'checkpoint-latest.pth', weights_only=True)
     assert ck['epoch'] == 0 and ck['categories'][0]['name'] == 'box'
     c = _learner(syn, tmp_path / 'b', epochs=2)
-    fit_pretrain(c, resume=tmp_path / 'b' / 'checkpoint-latest.pth')
+    fit_detection(c, resume=tmp_path / 'b' / 'checkpoint-latest.pth')
     sa, sc = a.model.state_dict(), c.model.state_dict()
     assert max((sa[k].float() - sc[k].float()).abs().max().item() for k in sa) < 1e-6
     assert abs(a.recorder.values[-1][0] - c.recorder.values[-1][0]) < 1e-5     # same training loss in the resumed epoch
