@@ -60,7 +60,7 @@ def run_pretrain(data='data', preset='cpu', targets=None, weights=None, dino_wei
              warmup_epochs=None, bs=None, blr=None, img_size=None, mask_ratio=None, norm_pix_loss=None, precision=None, accum=None,
              clip=None, workers=None, n_train=None, resume=None, force_resume=False, output=None, overwrite=False, save_every=1,
              seed=0, tensorboard=False, wandb=False, dry_run=False, knn_every=0, knn_data=None, knn_train=None, compile=False,
-             fast_decode=False):
+             fast_decode=False, device=None):
     "The body of `fastconvmae pretrain` (see `pretrain_main` for the options): pretraining, MoR and the k-NN monitor composed."
     from fastconvmae.training import launch_setup, seed_rank, unwrap, console_progress, extra_loggers, read_resume
     from fastconvmae.data import pretrain_dls
@@ -77,7 +77,7 @@ def run_pretrain(data='data', preset='cpu', targets=None, weights=None, dino_wei
                          warmup_epochs=warmup_epochs, bs=bs, blr=blr, img_size=img_size, mask_ratio=mask_ratio,
                          norm_pix_loss=norm_pix_loss, precision=precision, accum=accum, clip=clip)
     mor = hasattr(r, 'targets')
-    rank, world, device = launch_setup(seed)
+    rank, world, device = launch_setup(seed, device)
     r, note = keep_published_batch(r, world, bs is not None or accum is not None)
     if dry_run:  # the data is checked too: a dry run that passes is a run that starts
         from fastconvmae.data import find_images
@@ -156,7 +156,8 @@ def pretrain_main(data: str='data', # image folder: ImageNet layout (train/<clas
          knn_train: int=None, # k-NN memory bank: an evenly spaced subset of this many training images (default: all)
          compile: bool=False, # torch.compile the model (GPU: faster steps after minutes of compiling; CPU: measured no faster)
          fast_decode: bool=False, # decode large JPEGs at 1/2-1/8 scale, never below what the smallest crop needs (faster loading)
-         dry_run: bool=False, # print the resolved recipe and exit
+         device: str=None, # cuda, cuda:1, cpu, ... (default: this process's GPU under torchrun, else the CPU)
+         dry_run: bool=False, # check the data, print the resolved recipe and exit
          debug: bool=False, # show tracebacks instead of one-line errors
         ):
     "Pretrain ConvMAE / Fast ConvMAE, optionally with a Mixture of Reconstructors, with a fastai Learner (one process, or one per device under torchrun / accelerate launch)."

@@ -29,7 +29,7 @@ from timm.layers import trunc_normal_
 from .encoder import ConvViT
 from .models import create_model, classifier_archs
 from .data import (ImageFolderDataset, PretrainDL, UNREADABLE, eval_transform, pretrain_transform, show_images,
-                              finetune_transform, finetune_eval_transform, classifier_dls)
+                              finetune_transform, finetune_eval_transform, classifier_dls, posterize_any_bits, ClassifierDL)
 from fastai.distributed import rank_distrib, num_distrib
 from fastai.callback.progress import CSVLogger, ProgressCallback
 # the engine (Part II); its names stay importable from here as before

@@ -214,7 +214,7 @@ def test_finetune_from_own_checkpoint_save_and_exact_resume(tmp_path, toy):
     torch.save({'model': mae.state_dict(), 'epoch': 0}, tmp_path / 'pt.pth')
     kw = dict(epochs=2, warmup_epochs=1, bs=4, num_workers=0, verbose=False)
     full = finetune(toy, 'cpu', checkpoint=tmp_path / 'pt.pth', output_dir=tmp_path / 'full', **kw)
-    assert set(results(full)) == {'train_loss', 'valid_loss', 'top1', 'top5', 'valid_scored', 'valid_unreadable'}
+    assert set(results(full)) == {'train_loss', 'valid_loss', 'top1', 'top5', 'skipped_steps', 'valid_scored', 'valid_unreadable'}
     saved = torch.load(tmp_path / 'full' / 'finetuned.pth', weights_only=True)
     assert saved['config']['preset'] == 'cpu' and 'top1' in saved['results']
     finetune(toy, 'cpu', checkpoint=tmp_path / 'pt.pth', output_dir=tmp_path / 'half', cbs=[StopAfter(1)], **kw)

@@ -8,7 +8,9 @@ PKG = Path(__file__).resolve().parents[1] / 'fastconvmae'
 ENGINE = {'cli', 'checkpoint', 'training', 'data'}           # Part II: imported by everything above, imports none of it
 LESSONS = {'masking', 'maskconv', 'encoder', 'models', 'backbone'}
 TASKS = {'pretrain', 'mor', 'finetune', 'linprobe', 'knn', 'detection', 'segmentation', 'demo', 'visualise', 'predict', 'export'}
-PARENT = {'mor': 'pretrain', 'linprobe': 'finetune', 'demo': 'pretrain'}  # a task may import its own parent, no other task
+#: a task may import its own parent, no other task: MoR extends pretraining, the linear probe reuses fine-tuning's recipe
+#: pieces, the demo is a short pretraining, and export writes the classifiers that predict reads (with its loader)
+PARENT = {'mor': 'pretrain', 'linprobe': 'finetune', 'demo': 'pretrain', 'export': 'predict'}
 TOP = {'command'}                                            # the `fastconvmae` command composes the tasks
 PRIVATE = {'_modidx', '__init__'}
 

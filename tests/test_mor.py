@@ -268,7 +268,8 @@ def test_cli_end_to_end(tmp_path):
 
 
 def test_cli_argument_errors():
-    from fastconvmae.pretrain import recipe_from_args, UserError, _split
+    from fastconvmae.mor import recipe_from_args, _split
+    from fastconvmae.cli import UserError
     with pytest.raises(UserError, match='unknown targets'): recipe_from_args('cpu', targets=_split('pixel,sift'))
     with pytest.raises(UserError, match='1 --weights for 2 targets'): recipe_from_args('cpu_mor', weights=_split('1', float))
     with pytest.raises(UserError, match='unknown preset'): recipe_from_args('huge')

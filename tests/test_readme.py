@@ -36,9 +36,9 @@ def readme_commands(text: str) -> list[tuple[str, dict, str]]:
             line = line.split('#')[0].strip()
             if not line or line.startswith(('make ', 'pip ', 'python ')): continue
             w = shlex.split(line)
-            if w[0] in ('torchrun', 'accelerate'): w = w[w.index('-m') + 1:]; task = MODULES[w[0]]
-            else: assert w[0].startswith('fastconvmae_'), line; task = w[0].removeprefix('fastconvmae_')
-            rest = w[1:]
+            if w[0] in ('torchrun', 'accelerate'): w = w[w.index('-m') + 1:]; task = MODULES[w[0]]; rest = w[1:]
+            elif w[0] == 'fastconvmae': task, rest = w[1], w[2:]
+            else: assert w[0].startswith('fastconvmae_'), line; task, rest = w[0].removeprefix('fastconvmae_'), w[1:]
             if task in ('detect', 'segment'): task, rest = f'{task} {rest[0]}', rest[1:]
             opts, i = {}, 0
             while i < len(rest):
@@ -46,7 +46,7 @@ def readme_commands(text: str) -> list[tuple[str, dict, str]]:
                     has_value = i + 1 < len(rest) and not rest[i + 1].startswith('--')
                     opts[rest[i][2:]] = rest[i + 1] if has_value else True; i += 2 if has_value else 1
                 else: i += 1
-            cmds.append((task, opts, line))
+            cmds.append((task, opts, line, rest))
     return cmds
 
 def test_readme_command_sequences_connect():
@@ -54,7 +54,7 @@ def test_readme_command_sequences_connect():
     cmds = readme_commands((ROOT / 'README.md').read_text())
     assert len(cmds) > 15 and any(t == 'segment predict' for t, *_ in cmds)
     made, owner = set(), {}
-    for task, o, line in cmds:
+    for task, o, line, _ in cmds:
         for k in ('checkpoint', 'pretrained', 'resume'):
             p = o.get(k)
             if isinstance(p, str) and p.startswith('runs/'): assert p in made, f"{line}\n  reads {p}, which no earlier line writes"
@@ -64,3 +64,16 @@ def test_readme_command_sequences_connect():
             assert out not in owner, f"{line}\n  writes into {out}, the run of: {owner.get(out)}"
             owner[out] = line
         made |= {f'{out}/{f}' for f in WRITES[task]}
+
+def test_readme_commands_parse():
+    "Every command line of the README is accepted by its subcommand's own parser (no unknown, misspelt or foreign option)"
+    import importlib
+    from fastconvmae.command import SUBCOMMANDS
+    from fastconvmae.cli import exact_parser
+    for task, _, line, rest in readme_commands((ROOT / 'README.md').read_text()):
+        name = task.split()[0]
+        mod, fn, _ = SUBCOMMANDS[name]
+        f = getattr(importlib.import_module(mod), fn)
+        p = exact_parser(getattr(f, '__wrapped__', f), prog=f'fastconvmae {name}')
+        p.error = lambda msg, line=line: (_ for _ in ()).throw(AssertionError(f"{line}\n  {msg}"))
+        p.parse_args([task.split()[1]] + rest if ' ' in task else rest)
