@@ -4,6 +4,7 @@
 
 # %% ../nbs/22_training.ipynb #37500a3a
 from __future__ import annotations
+import fastconvmae  # first: its import quiets a FutureWarning fastai triggers in torch.jit
 import contextlib, math, os, random, sys, warnings
 from dataclasses import dataclass, asdict, is_dataclass, replace
 from functools import partial
