@@ -552,11 +552,11 @@ def format_stats(stats: dict) -> str:
 
 def train_detection(data, preset: str='cpu', output='runs/detect', pretrained=None, resume=None, seed: int=0,
                     workers: int=0, n_train: int|None=None, train_split: str='train', valid_split: str='val',
-                    overwrite: bool=False, trusted: bool=False, console: bool=True, **overrides) -> Learner:
+                    overwrite: bool=False, trusted: bool=False, console: bool=True, device=None, **overrides) -> Learner:
     "Fine-tune Mask R-CNN on a COCO-layout folder; writes checkpoints, log.csv, metrics.json and the last validation's results JSON to `output`."
     r = detection_recipe(preset, **overrides); _check_recipe(r)
     check_output(output, resume, overwrite)  # refuse a folder holding another run, touching nothing yet
-    rank, world, device = launch_setup(seed)
+    rank, world, device = launch_setup(seed, device)
     dls = coco_dls(data, r.img_size, r.bs, r.scale, train_split, valid_split, workers, seed, rank, world, device, n_train)
     if pretrained is not None and resume is None:  # any layout the fine-tuning chapter reads (official files carry argparse args)
         pretrained = load_checkpoint(pretrained, trusted=trusted)
@@ -660,9 +660,9 @@ def predict_detection(checkpoint, images, output='predictions', score_thresh: fl
 #: the options of each mode of `fastconvmae_detect` (any other is refused)
 DETECT_MODES = {
     'train': {'data', 'preset', 'arch', 'img_size', 'window_size', 'epochs', 'warmup_epochs', 'bs', 'lr', 'accum', 'precision',
-              'grad_checkpointing', 'pretrained', 'resume', 'output', 'n_train', 'workers', 'seed', 'overwrite', 'trusted'},
-    'evaluate': {'checkpoint', 'data', 'split', 'output', 'bs', 'precision', 'overwrite', 'trusted'},
-    'predict': {'checkpoint', 'images', 'output', 'score_thresh', 'overwrite', 'trusted'}}
+              'grad_checkpointing', 'pretrained', 'resume', 'output', 'n_train', 'workers', 'seed', 'overwrite', 'trusted', 'device'},
+    'evaluate': {'checkpoint', 'data', 'split', 'output', 'bs', 'precision', 'overwrite', 'trusted', 'device'},
+    'predict': {'checkpoint', 'images', 'output', 'score_thresh', 'overwrite', 'trusted', 'device'}}
 _DETECT_HINTS = {
     ('train', 'checkpoint'): "--checkpoint names a trained detector (evaluate, predict); start training from weights with --pretrained",
     ('evaluate', 'pretrained'): "evaluate scores a trained detector: pass it with --checkpoint",
@@ -675,21 +675,23 @@ def _main(mode, data=None, checkpoint=None, images=None, output=None, pretrained
     check_mode_options('fastconvmae_detect', mode, dict(data=data, checkpoint=checkpoint, images=images, output=output, pretrained=pretrained,
                        resume=resume, split=split, score_thresh=score_thresh, trusted=trusted, overwrite=overwrite, **kw), DETECT_MODES, _DETECT_HINTS)
     kw = {k: v for k, v in kw.items() if v is not None and v is not False}
+    device = kw.pop('device', None)
     if mode == 'train':
         if data is None: raise UserError("train needs --data (a COCO-layout folder)")
-        train_detection(data, output=output or 'runs/detect', pretrained=pretrained, resume=resume, trusted=trusted, overwrite=overwrite, **kw)
+        train_detection(data, output=output or 'runs/detect', pretrained=pretrained, resume=resume, trusted=trusted, overwrite=overwrite,
+                        device=device, **kw)
     elif mode == 'evaluate':
         if checkpoint is None or data is None: raise UserError("evaluate needs --checkpoint and --data")
         split = split or 'val'
         out = output or Path(checkpoint).parent / f'eval_{split}'   # beside the checkpoint, never over the training run's files
         stats = evaluate_detection(checkpoint, data, split, out, bs=kw.get('bs'), precision=kw.get('precision'), trusted=trusted,
-                                   overwrite=overwrite)
+                                   overwrite=overwrite, device=device)
         print(format_stats(stats)); print(f"results_{split}.json and metrics_{split}.json in {out}")
     elif mode == 'predict':
         if checkpoint is None or images is None: raise UserError("predict needs --checkpoint and --images (a file or a folder)")
         score_thresh = 0.5 if score_thresh is None else score_thresh
         check_args(score_thresh=(score_thresh, 'unit'))
-        saved = predict_detection(checkpoint, images, output or 'predictions', score_thresh, trusted=trusted, overwrite=overwrite)
+        saved = predict_detection(checkpoint, images, output or 'predictions', score_thresh, device=device, trusted=trusted, overwrite=overwrite)
         print(f"{len(saved)} figures in {Path(output or 'predictions')}")
 
 @call_parse_exact
@@ -718,9 +720,10 @@ def main(mode: Param("train, evaluate or predict", str),
          score_thresh: Param("minimum score drawn (predict; default 0.5)", float)=None,
          overwrite: Param("replace what an earlier run wrote in --output", store_true)=False,
          trusted: Param("allow full unpickling of checkpoints you trust", store_true)=False,
+         device: Param("cuda, cuda:1, cpu, ... (default: this process's GPU under torchrun, else the CPU)", str)=None,
          debug: Param("show tracebacks", store_true)=False):
     "Mask R-CNN on ConvViT: train (fine-tune on a COCO-format set), evaluate (COCO box/mask AP), predict (figures)."
     run_cli(_main, mode, data=data, checkpoint=checkpoint, images=images, output=output, pretrained=pretrained, resume=resume,
             split=split, score_thresh=score_thresh, trusted=trusted, overwrite=overwrite, debug=debug, preset=preset, arch=arch,
             img_size=img_size, window_size=window_size, epochs=epochs, warmup_epochs=warmup_epochs, lr=lr, accum=accum,
-            grad_checkpointing=grad_checkpointing, n_train=n_train, workers=workers, seed=seed, bs=bs, precision=precision)
+            grad_checkpointing=grad_checkpointing, n_train=n_train, workers=workers, seed=seed, bs=bs, precision=precision, device=device)
