@@ -161,7 +161,8 @@ def call_parse_exact(func):
         return func(**a)
     @wraps(func)
     def _f(*args, **kwargs): return func(*args, **kwargs) if args or kwargs else _run()
-    g = inspect.currentframe().f_back.f_globals   # `python -m fastconvmae.<task>` (torchrun, accelerate launch): run now
-    if g.get('__name__') == '__main__' and g.get('__file__') and Path(g['__file__']).resolve() == Path(func.__code__.co_filename).resolve():
+    g = inspect.currentframe().f_back.f_globals   # `python -m fastconvmae.<task>` (torchrun, accelerate launch): run its `main` now
+    if (func.__name__ in ('main', 'demo') and g.get('__name__') == '__main__' and g.get('__file__')
+        and Path(g['__file__']).resolve() == Path(func.__code__.co_filename).resolve()):
         return _run()
     return _f

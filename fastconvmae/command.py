@@ -163,3 +163,7 @@ def pretrain_main(data: str='data', # image folder: ImageNet layout (train/<clas
     "Pretrain ConvMAE / Fast ConvMAE, optionally with a Mixture of Reconstructors, with a fastai Learner (one process, or one per device under torchrun / accelerate launch)."
     kw = {k: v for k, v in locals().items() if k != 'debug'}
     run_cli(run_pretrain, debug=debug, **kw)
+
+# %% ../nbs/23_command.ipynb #852e7781
+#| eval: false
+if __name__ == '__main__': main()  # `python -m fastconvmae.command SUBCOMMAND ...`
