@@ -4,14 +4,16 @@
 
 # %% ../nbs/20_cli.ipynb #8c1e916e
 from __future__ import annotations
-import argparse, difflib, inspect, math, os, re, shutil, sys
+import argparse, copy, difflib, inspect, math, os, re, shutil, sys
 from functools import wraps
 from pathlib import Path
-from fastcore.script import anno_parser
+from fastcore.docments import docments
+from fastcore.script import Param, _HelpFormatter, _union_type
 
 # %% auto #0
-__all__ = ['RUN_FILES', 'UserError', 'check_args', 'run_files', 'clean_stale_tmp', 'check_output', 'prepare_output',
-           'check_mode_options', 'worker_message', 'run_cli', 'exact_parser', 'call_parse_exact']
+__all__ = ['RUN_FILES', 'SIZES', 'UserError', 'check_args', 'run_files', 'clean_stale_tmp', 'check_output', 'prepare_output',
+           'check_mode_options', 'worker_message', 'run_cli', 'cli_spec', 'exact_parser', 'parse_command',
+           'call_parse_exact', 'model_size', 'model_name']
 
 # %% ../nbs/20_cli.ipynb #fbf99ebc
 def _rank() -> int: return int(os.environ.get('RANK', 0))
@@ -140,29 +142,134 @@ def run_cli(fn, *args, debug: bool=False, **kwargs) -> None:
         sys.exit(2 if isinstance(e, (UserError, FileNotFoundError, NotADirectoryError)) else 1)  # a path the user gave: their mistake
 
 # %% ../nbs/20_cli.ipynb #f5ba05b0
-def exact_parser(func, prog: str|None=None) -> argparse.ArgumentParser:
-    "fastcore's `anno_parser` for `func`, with prefix matching turned off: `--output` is never taken for `--output_dir`."
-    p = anno_parser(func, prog=prog)
-    p.allow_abbrev = False
+def cli_spec(positional=(), renamed=None, modes=None, hints=None, what: str='mode', about=None, models=None):
+    """Describe a command's options beyond its signature: `positional` parameters shown as `DATA`-style arguments;
+`renamed` old option names still accepted (hidden from --help; `old='new'`); `modes` for a command whose first parameter
+picks a mode (`detect train|evaluate|predict`): mode -> (its positional parameters, its options), each mode with its own
+parser and --help; `hints` advice for an option given to the wrong mode; `about` one line per mode."""
+    def deco(f):
+        f.__cli__ = dict(positional=tuple(positional), renamed=renamed or {}, modes=modes, hints=hints or {}, what=what, about=about or {})
+        return f
+    return deco
+
+def _spec(func) -> dict: return getattr(func, '__cli__', None) or dict(positional=(), renamed={}, modes=None, hints={}, what='mode', about={})
+
+def _param(v) -> Param:
+    "fastcore's `Param` of a documented parameter, copied (fastcore's `set_default` changes it in place)"
+    p = v.anno if isinstance(v.anno, Param) else Param(v.docment, _union_type(v.anno) or v.anno)
+    p = copy.copy(p); p.set_default(v.default)
+    return p
+
+def _aliases(spec, names, positional) -> dict:
+    "The old option names that apply here: their new name is an option (or a positional) here, and they are not options themselves"
+    return {o: n for o, n in spec['renamed'].items() if n in names and (o not in names or (o == n and n in positional))}
+
+def _parser(func, prog, names, positional, description, wrong_mode=None) -> argparse.ArgumentParser:
+    spec, ps = _spec(func), docments(func, full=True, returns=False, eval_str=True)
+    p = argparse.ArgumentParser(prog=prog, description=description, formatter_class=_HelpFormatter, allow_abbrev=False)
+    aliases = _aliases(spec, names, positional)
+    for k in names:
+        param = _param(ps[k]); kw = param.kwargs
+        if k in positional:
+            kw.pop('required', None)
+            if k in aliases.values() or ps[k].default is not inspect.Parameter.empty: kw['nargs'] = '?'
+            p.add_argument(k, metavar=k.upper(), **kw)
+        else:
+            if param.negated: kw['dest'] = k
+            p.add_argument(f"--{'no-' if param.negated else ''}{k}", **kw)
+    for old, new in aliases.items():  # hidden: old commands keep working
+        kw = {k: v for k, v in _param(ps[new]).kwargs.items() if k in ('type', 'action')}
+        p.add_argument(f'--{old}', dest=f'_old_{old}', default=argparse.SUPPRESS, help=argparse.SUPPRESS, **kw)
     def error(msg):  # one line, exit 2, and the option the user probably meant
-        opts = [o for a in p._actions for o in a.option_strings if o.startswith('--')]
         bad = re.findall(r'(?<!\w)--[\w-]+', msg) if msg.startswith('unrecognized') else []
-        hint = '; '.join(f"did you mean {m[0]}?" for w in bad for m in [difflib.get_close_matches(w, opts, n=1, cutoff=.6)] if m)
-        print(f"error: {msg}" + (f" ({hint})" if hint else '') + f" (see {p.prog} --help)", file=sys.stderr, flush=True)
+        if wrong_mode and bad and wrong_mode(bad[0][2:]): msg = wrong_mode(bad[0][2:])
+        else:
+            opts = [o for a in p._actions if a.help != argparse.SUPPRESS for o in a.option_strings if o.startswith('--')]
+            hint = '; '.join(f"did you mean {m[0]}?" for w in bad for m in [difflib.get_close_matches(w, opts, n=1, cutoff=.6)] if m)
+            msg += f" ({hint})" if hint else ''
+        print(f"error: {msg} (see {p.prog} --help)", file=sys.stderr, flush=True)
         sys.exit(2)
     p.error = error
     return p
 
+def exact_parser(func, prog: str|None=None, mode: str|None=None) -> argparse.ArgumentParser:
+    "The parser of `func` (of its `mode`, for a command with modes), from its annotated signature as fastcore's `anno_parser`, with prefix matching turned off (`--output` is never taken for `--output_dir`) and one-line errors."
+    spec, ps = _spec(func), docments(func, full=True, returns=False, eval_str=True)
+    if spec['modes'] is None:
+        pos = [k for k, v in ps.items() if v.default is inspect.Parameter.empty or k in spec['positional']]
+        return _parser(func, prog, [*pos, *(k for k in ps if k not in pos)], pos, func.__doc__)
+    pos, opts = spec['modes'][mode]
+    names = [*pos, *(k for k in ps if k in opts and k not in pos), *(['debug'] if 'debug' in ps else [])]
+    def wrong_mode(opt):  # an option of another mode: say where it belongs
+        if opt in names: return None
+        where = [m for m, (mp, mo) in spec['modes'].items() if opt in mo or opt in mp]
+        if not where: return None
+        hint = spec['hints'].get((mode, opt)) or spec['hints'].get(opt) or f"it is an option of {' and '.join(where)}"
+        return f"--{opt} does not apply to `{prog}`: {hint}"
+    about = spec['about'].get(mode, '')
+    return _parser(func, prog, names, pos, f"{about[:1].upper()}{about[1:]}." if about else func.__doc__, wrong_mode)
+
+def _mode_usage(func, prog) -> str:
+    spec = _spec(func)
+    w = max(map(len, spec['modes']))
+    lines = [f"  {m:<{w}}  {spec['about'].get(m, '')}" for m in spec['modes']]
+    return f"usage: {prog} {{{','.join(spec['modes'])}}} ...   ({prog} {spec['what'].upper()} --help for its options)\n\n{func.__doc__}\n\n{spec['what']}s:\n" + '\n'.join(lines)
+
+def parse_command(func, argv: list[str]|None=None, prog: str|None=None) -> dict:
+    "Parse `argv` (default `sys.argv[1:]`) for `func` as its console script does: the keyword arguments to call it with, old option names mapped to their new ones."
+    argv = sys.argv[1:] if argv is None else list(argv)
+    prog = prog or os.path.basename(sys.argv[0])
+    spec, ps = _spec(func), docments(func, full=True, returns=False, eval_str=True)
+    first = next(iter(ps))
+    if spec['modes'] is not None:
+        if not argv or argv[0] in ('-h', '--help'):
+            print(_mode_usage(func, prog)); sys.exit(0 if argv else 2)
+        mode = argv.pop(0)
+        if mode not in spec['modes']:
+            near = difflib.get_close_matches(mode, spec['modes'], n=1)
+            print(f"error: unknown {spec['what']} {mode!r}" + (f" (did you mean {near[0]}?)" if near else '')
+                  + f"; choose {', '.join(spec['modes'])} (see {prog} --help)", file=sys.stderr, flush=True)
+            sys.exit(2)
+        p = exact_parser(func, f'{prog} {mode}', mode)
+    else: p, mode = exact_parser(func, prog), None
+    a = vars(p.parse_args(argv))
+    for old, new in _aliases(spec, [a_.dest for a_ in p._actions], [a_.dest for a_ in p._actions if not a_.option_strings]).items():
+        if f'_old_{old}' not in a: continue
+        v = a.pop(f'_old_{old}')
+        if a.get(new) not in (None, False, ps[new].default): p.error(f"--{old} is the old name of {new if old == new else '--' + new}: give one of them")
+        a[new] = v
+    for a_ in p._actions:  # a positional that an old option could replace is still required
+        if not a_.option_strings and a_.dest in a and a[a_.dest] is None and (mode or ps[a_.dest].default is inspect.Parameter.empty):
+            p.error(f"the following arguments are required: {a_.metavar}")
+    if mode is not None: a[first] = mode
+    return a
+
 def call_parse_exact(func):
-    "fastcore's `call_parse` with `exact_parser`: a console script's `main()` parses `sys.argv`; called with arguments, it is a function."
-    def _run():
-        a = vars(exact_parser(func).parse_args())
-        for k in ('pdb', 'xtra'): a.pop(k, None)
-        return func(**a)
+    "fastcore's `call_parse` with `exact_parser`: a console script's `main()` parses `sys.argv`; called with arguments, it is a function (old keyword names accepted too)."
+    renamed = {o: n for o, n in _spec(func)['renamed'].items() if o not in inspect.signature(func).parameters}
+    def _run(): return func(**parse_command(func))
     @wraps(func)
-    def _f(*args, **kwargs): return func(*args, **kwargs) if args or kwargs else _run()
+    def _f(*args, **kwargs):
+        if not (args or kwargs): return _run()
+        for o, n in renamed.items():
+            if o in kwargs and n not in kwargs: kwargs[n] = kwargs.pop(o)
+        return func(*args, **kwargs)
     g = inspect.currentframe().f_back.f_globals   # `python -m fastconvmae.<task>` (torchrun, accelerate launch): run its `main` now
     if (func.__name__ in ('main', 'demo') and g.get('__name__') == '__main__' and g.get('__file__')
         and Path(g['__file__']).resolve() == Path(func.__code__.co_filename).resolve()):
         return _run()
     return _f
+
+#: the model sizes that `--model` accepts besides registry names
+SIZES = ('tiny', 'small', 'base')
+
+def model_size(name: str|None) -> str|None:
+    "`tiny`, `small` or `base`, from a size or a ConvViT registry name (`convvit_small_patch16`, `fastconvmae_convvit_small_patch16`)"
+    if name is None or name in SIZES: return name
+    m = re.fullmatch(r'(?:(?:fast)?convmae_)?convvit_(tiny|small|base)_patch16', name)
+    if m: return m.group(1)
+    raise UserError(f"--model must be tiny, small, base or a ConvViT name such as convvit_base_patch16, got {name!r}")
+
+def model_name(name: str|None, prefix: str='') -> str|None:
+    "A registry name from a size alias (`model_name('tiny', 'fastconvmae_')` is `fastconvmae_convvit_tiny_patch16`); other names pass through"
+    return f"{prefix}convvit_{name}_patch16" if name in SIZES else name

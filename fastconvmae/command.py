@@ -8,7 +8,7 @@ import importlib, logging, os, sys, warnings
 from dataclasses import asdict
 from pathlib import Path
 from fastcore.script import bool_arg
-from .cli import UserError, check_args, prepare_output, run_cli, call_parse_exact
+from .cli import UserError, check_args, prepare_output, run_cli, call_parse_exact, cli_spec, model_name
 
 # %% auto #0
 __all__ = ['SUBCOMMANDS', 'usage', 'main', 'run_pretrain', 'pretrain_main']
@@ -90,11 +90,11 @@ def run_pretrain(data='data', preset='cpu', targets=None, weights=None, dino_wei
         if random_teachers and {'dino', 'clip'} & set(r.targets) and rank == 0:
             warnings.warn("--random_teachers: the DINO/CLIP teachers have RANDOM weights (smoke tests and timing only)")
         teachers = build_teachers(r, dino_weights, clip_weights, random_init=random_teachers)
+    cbs = extra_loggers(output or (Path(resume).parent if resume else 'runs/pretrain'), tensorboard, wandb) if rank == 0 else None  # a missing package stops here
     dls = pretrain_dls(data, img_size=r.img_size, bs=r.bs, num_workers=workers, seed=seed, device=device,
                        rank=rank, world_size=world, n_train=n_train, fast_decode=fast_decode)
     res = read_resume(resume) if resume else None  # a file of the wrong kind stops here, before the output folder is touched
     output = prepare_output(output or (Path(resume).parent if resume else 'runs/pretrain'), resume, overwrite)
-    cbs = extra_loggers(output, tensorboard, wandb) if rank == 0 else None
     learn = (mor_learner(dls, r, teachers=teachers, output=output, save_every=save_every, cbs=cbs) if mor else
              pretrain_learner(dls, r, output=output, save_every=save_every, cbs=cbs))
     if knn_every:  # k-NN accuracy of the encoder as log columns (knn chapter)
@@ -118,6 +118,7 @@ def run_pretrain(data='data', preset='cpu', targets=None, weights=None, dino_wei
     if rank == 0: print(f"done: checkpoint-latest.pth, log.csv{', loss.png and reconstructions/' if not mor or 'pixel' in r.targets else ''} in {output}")
 
 @call_parse_exact
+@cli_spec(positional=['data'], renamed=dict(data='data', arch='model'))  # --data and --arch: the names before the one convention
 def pretrain_main(data: str='data', # image folder: ImageNet layout (train/<class>/*, val/) or a flat folder of images
          preset: str='cpu', # recipe: cpu, fastconvmae_base, convmae_base, fastconvmae_base_ct (MoR "C+T": EMA, DINO, CLIP) or fastconvmae_base_ct_pixel
          targets: str=None, # Mixture of Reconstructors: comma-separated targets among pixel, ema, dino, clip (default: the preset's; pixel alone = plain MAE)
@@ -130,7 +131,7 @@ def pretrain_main(data: str='data', # image folder: ImageNet layout (train/<clas
          branch_depth: int=None, # MoR: decoder blocks of each target's branch (N)
          ema_start: float=None, # MoR: EMA momentum at the start (rises to 1 by half-cosine)
          random_teachers: bool=False, # MoR: random-weight DINO/CLIP teachers (smoke tests and timing only)
-         arch: str=None, # model (default: the preset's), e.g. fastconvmae_convvit_small_patch16 or convmae_convvit_base_patch16
+         model: str=None, # model (default: the preset's): a registry name, e.g. fastconvmae_convvit_small_patch16 or convmae_convvit_base_patch16, or tiny, small, base (the preset's method at that size)
          epochs: int=None, # epochs (schedule length)
          warmup_epochs: float=None, # linear warm-up epochs
          bs: int=None, # batch size per device
@@ -152,7 +153,7 @@ def pretrain_main(data: str='data', # image folder: ImageNet layout (train/<clas
          tensorboard: bool=False, # also log to TensorBoard (needs tensorboard)
          wandb: bool=False, # also log to Weights & Biases (needs wandb)
          knn_every: int=0, # every N epochs, log the weighted k-NN accuracy of the encoder (0: never)
-         knn_data: str=None, # labelled ImageNet-layout folder for k-NN (default: --data)
+         knn_data: str=None, # labelled ImageNet-layout folder for k-NN (default: DATA)
          knn_train: int=None, # k-NN memory bank: an evenly spaced subset of this many training images (default: all)
          compile: bool=False, # torch.compile the model (GPU: faster steps after minutes of compiling; CPU: measured no faster)
          fast_decode: bool=False, # decode large JPEGs at 1/2-1/8 scale, never below what the smallest crop needs (faster loading)
@@ -161,8 +162,9 @@ def pretrain_main(data: str='data', # image folder: ImageNet layout (train/<clas
          debug: bool=False, # show tracebacks instead of one-line errors
         ):
     "Pretrain ConvMAE / Fast ConvMAE, optionally with a Mixture of Reconstructors, with a fastai Learner (one process, or one per device under torchrun / accelerate launch)."
-    kw = {k: v for k, v in locals().items() if k != 'debug'}
-    run_cli(run_pretrain, debug=debug, **kw)
+    kw = {k: v for k, v in locals().items() if k not in ('debug', 'model')}
+    prefix = 'convmae_' if preset.startswith('convmae') else 'fastconvmae_'
+    run_cli(run_pretrain, debug=debug, arch=model_name(model, prefix), **kw)
 
 # %% ../nbs/23_command.ipynb #852e7781
 #| eval: false

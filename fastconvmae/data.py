@@ -21,10 +21,10 @@ import matplotlib.pyplot as plt
 from .cli import UserError
 
 # %% auto #0
-__all__ = ['UNREADABLE', 'to_rgb', 'BadImageError', 'BadImageWarning', 'load_rgb', 'find_images', 'ImageFolderDataset',
-           'pretrain_transform', 'eval_transform', 'denormalize', 'show_images', 'PretrainDL', 'pretrain_dls',
-           'BadImageReport', 'posterize_any_bits', 'finetune_transform', 'finetune_eval_transform', 'ClassifierDL',
-           'classifier_dls']
+__all__ = ['UNREADABLE', 'to_rgb', 'BadImageError', 'BadImageWarning', 'load_rgb', 'find_images', 'image_files',
+           'ImageFolderDataset', 'pretrain_transform', 'eval_transform', 'denormalize', 'show_images', 'PretrainDL',
+           'pretrain_dls', 'BadImageReport', 'posterize_any_bits', 'finetune_transform', 'finetune_eval_transform',
+           'ClassifierDL', 'classifier_dls']
 
 # %% ../nbs/04_data.ipynb #05de03e7
 def to_rgb(im:Image.Image) -> Image.Image:
@@ -115,6 +115,22 @@ def find_images(root, extensions=IMG_EXTENSIONS) -> tuple[list[Path], list[int],
     else: classes, files, labels = [], top, [-1]*len(top)
     if not files: raise ValueError(f"no images ({' '.join(exts)}) in {root}: expected root/<class>/*.jpg or root/*.jpg")
     return files, labels, classes
+
+def image_files(paths, extensions=IMG_EXTENSIONS) -> list[Path]:
+    "The image files named by `paths` (one or a list): files as they are, folders searched recursively in sorted order (hidden entries skipped)"
+    exts = tuple(e.lower() for e in extensions)
+    out = []
+    for p in [paths] if isinstance(paths, (str, Path)) else paths:
+        p = Path(p).expanduser()
+        if p.is_dir():
+            found = _walk(p, exts)
+            if not found: raise UserError(f"no images ({' '.join(exts)}) in {p}")
+            out += found
+        elif p.is_file():
+            if not p.name.lower().endswith(exts): raise UserError(f"{p} is not an image file (expected {' '.join(exts)})")
+            out.append(p)
+        else: raise FileNotFoundError(f"image not found: {p}")
+    return out
 
 # %% ../nbs/04_data.ipynb #da0af2a3
 #: label of an image that could not be read (`unreadable='mark'`); PyTorch's `cross_entropy` ignores it by default

@@ -12,7 +12,7 @@ import torch
 from fastcore.script import Param, store_true
 from .models import create_model, reconstruct, show_views
 from .data import pretrain_dls
-from .cli import check_output, prepare_output, run_files, run_cli, check_args, UserError, call_parse_exact
+from .cli import check_output, prepare_output, run_files, run_cli, check_args, UserError, call_parse_exact, cli_spec
 from .training import console_progress
 from .pretrain import PRESETS, pretrain_learner, fit_pretrain
 
@@ -110,6 +110,7 @@ def run_demo(data=None, # image folder (default: ../shared/data/imagenette-128 i
 
 # %% ../nbs/09_demo.ipynb #df7deb83
 @call_parse_exact
+@cli_spec(positional=['data'], renamed=dict(data='data'))  # --data: the name before the one convention
 def demo(data: Param("image folder (default: ../shared/data/imagenette-128 if present, else the bundled photos)", str)=None,
          output: Param("the demo's folder (default: outputs/demo, or outputs/demo-2, -3, ... if it holds an earlier demo)", str)=None,
          overwrite: Param("replace the earlier run in --output", store_true)=False,

@@ -35,10 +35,10 @@ from torchvision.models.detection.rpn import RPNHead
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads
 from .backbone import ConvViTBackbone, convvit_det, load_backbone
-from .data import load_rgb, BadImageError, BadImageWarning, PretrainDL
-from .cli import UserError, check_args, check_output, prepare_output, run_cli, check_mode_options, call_parse_exact
+from .data import load_rgb, BadImageError, BadImageWarning, PretrainDL, image_files
+from .cli import UserError, check_args, check_output, prepare_output, run_cli, check_mode_options, call_parse_exact, cli_spec, model_size
 from .checkpoint import load_checkpoint, atomic_save
-from .training import (AnyDeviceMixedPrecision, nonfinite_cbs, PretrainCheckpoint, RunLog, ShardedTrainer, adamw,
+from .training import (AnyDeviceMixedPrecision, nonfinite_cbs, PretrainCheckpoint, RunLog, ShardedTrainer, adamw, extra_loggers, task_learner,
                                   lr_schedule, fit_resumable, check_resume, unwrap, launch_setup, seed_rank, console_progress,
                                   isolated_rng, NonFiniteLossError)
 
@@ -499,29 +499,20 @@ def detection_learner(dls: DataLoaders, recipe: DetectionRecipe|None=None, model
                       output='runs/detect', save_every: int=1, log: bool=True, cbs=None, verbose: bool=True) -> Learner:
     "A fastai `Learner` for Mask R-CNN on ConvViT with the recipe's optimizer, schedule inputs, precision and callbacks."
     r = recipe or DetectionRecipe()
-    if r.precision not in ('fp32', 'bf16', 'fp16'): raise UserError(f"precision must be fp32, bf16 or fp16, got {r.precision!r}")
     tr = dls.train.dataset
     if model is None:
         model = maskrcnn_convvit(len(tr.cat_ids), r.arch, r.img_size, r.window_size, pretrained=pretrained,
                                  verbose=verbose and not rank_distrib(), **model_args(r))
     world = max(num_distrib(), 1)
     output = Path(output)
-    if not rank_distrib(): output.mkdir(parents=True, exist_ok=True)
-    cbs = list(cbs or []) + [DetectionCallback(), *nonfinite_cbs()]
-    if r.precision != 'fp32': cbs.append(AnyDeviceMixedPrecision(r.precision))
-    if r.accum > 1: cbs.append(GradientAccumulation(dls.train.bs * r.accum))
-    if r.clip: cbs.append(GradientClip(r.clip))
-    if save_every: cbs.append(DetectionCheckpoint(output, save_every, recipe=r, categories=_categories(tr)))
-    if log and not rank_distrib(): cbs.append(RunLog('log.csv'))
-    learn = Learner(dls, model, loss_func=detection_loss, opt_func=partial(adamw, betas=r.betas),
-                    splitter=partial(detection_param_groups, weight_decay=r.weight_decay), lr=r.lr,
-                    metrics=coco_metrics(dls.valid.dataset), path=output, model_dir='.', cbs=cbs)
+    learn = task_learner(dls, model, detection_loss, partial(adamw, betas=r.betas), r.lr, precision=r.precision, accum=r.accum,
+                         clip=r.clip, output=output, log='log.csv' if log else None, cbs=[*(cbs or []), DetectionCallback()],
+                         checkpoint=DetectionCheckpoint(output, save_every, recipe=r, categories=_categories(tr)) if save_every else None,
+                         splitter=partial(detection_param_groups, weight_decay=r.weight_decay), metrics=coco_metrics(dls.valid.dataset),
+                         sync_bn=True)  # SyncBN is GPU-only: the builder turns it on only there
     learn.remove_cb(Recorder); learn.add_cb(DetectionRecorder())
     if r.precision != 'fp32': learn.model.to(memory_format=torch.channels_last)  # bf16/fp16 convolutions are much faster channels-last
     learn.recipe, learn.eff_bs = r, dls.train.bs * r.accum * world
-    if world > 1:
-        learn.add_cb(ShardedTrainer(sync_bn=torch.cuda.is_available(), cpu=not torch.cuda.is_available()))  # SyncBN is GPU-only
-        if rank_distrib(): learn.remove_cb(ProgressCallback)
     return learn
 
 def fit_detection(learn: Learner, resume=None) -> Learner:
@@ -552,16 +543,18 @@ def format_stats(stats: dict) -> str:
 
 def train_detection(data, preset: str='cpu', output='runs/detect', pretrained=None, resume=None, seed: int=0,
                     workers: int=0, n_train: int|None=None, train_split: str='train', valid_split: str='val',
-                    overwrite: bool=False, trusted: bool=False, console: bool=True, device=None, **overrides) -> Learner:
+                    overwrite: bool=False, trusted: bool=False, console: bool=True, device=None, tensorboard: bool=False,
+                    wandb: bool=False, **overrides) -> Learner:
     "Fine-tune Mask R-CNN on a COCO-layout folder; writes checkpoints, log.csv, metrics.json and the last validation's results JSON to `output`."
     r = detection_recipe(preset, **overrides); _check_recipe(r)
     check_output(output, resume, overwrite)  # refuse a folder holding another run, touching nothing yet
     rank, world, device = launch_setup(seed, device)
+    loggers = extra_loggers(output, tensorboard, wandb) if rank == 0 else []  # a missing package stops here
     dls = coco_dls(data, r.img_size, r.bs, r.scale, train_split, valid_split, workers, seed, rank, world, device, n_train)
     if pretrained is not None and resume is None:  # any layout the fine-tuning chapter reads (official files carry argparse args)
         pretrained = load_checkpoint(pretrained, trusted=trusted)
     output = prepare_output(output, resume, overwrite)  # every input checked: now the folder
-    learn = detection_learner(dls, r, pretrained=pretrained if resume is None else None, output=output)
+    learn = detection_learner(dls, r, pretrained=pretrained if resume is None else None, output=output, cbs=loggers)
     seed_rank(seed)
     if console: console_progress(learn)
     if rank == 0:
@@ -618,21 +611,12 @@ def evaluate_detection(checkpoint, data, split: str='val', output=None, bs: int|
         (out / f'metrics_{split}.json').write_text(json.dumps(dict(stats=stats, checkpoint=Path(checkpoint).name, images=len(ds)), indent=1))
     return stats
 
-def _image_files(images) -> list[Path]:
-    p = Path(images).expanduser()
-    if p.is_file(): return [p]
-    if p.is_dir():
-        fs = sorted(f for f in p.iterdir() if f.suffix.lower() in ('.jpg', '.jpeg', '.png', '.bmp', '.webp'))
-        if fs: return fs
-        raise UserError(f"no images (.jpg, .png, ...) in {p}")
-    raise FileNotFoundError(f"image or folder not found: {p}")
-
 @torch.no_grad()
 def predict_detection(checkpoint, images, output='predictions', score_thresh: float=0.5, device=None, trusted: bool=False,
                       max_images: int|None=None, overwrite: bool=False) -> list[Path]:
     "Detect objects in an image or a folder of images; save one figure per image (boxes, masks, labels, scores) to `output` (never over earlier figures unless `overwrite`)."
     model, r, cats = load_detector(checkpoint, trusted)
-    files = _image_files(images)[:max_images]
+    files = image_files(images)[:max_images]
     check_output(output, overwrite=overwrite, products={f'{f.stem}_pred.png' for f in files})  # before the folder is touched
     device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     model.to(device)
@@ -660,15 +644,19 @@ def predict_detection(checkpoint, images, output='predictions', score_thresh: fl
 #: the options of each mode of `fastconvmae_detect` (any other is refused)
 DETECT_MODES = {
     'train': {'data', 'preset', 'arch', 'img_size', 'window_size', 'epochs', 'warmup_epochs', 'bs', 'lr', 'accum', 'precision',
-              'grad_checkpointing', 'pretrained', 'resume', 'output', 'n_train', 'workers', 'seed', 'overwrite', 'trusted', 'device'},
+              'grad_checkpointing', 'pretrained', 'resume', 'output', 'n_train', 'workers', 'seed', 'overwrite', 'trusted', 'device',
+              'tensorboard', 'wandb'},
     'evaluate': {'checkpoint', 'data', 'split', 'output', 'bs', 'precision', 'overwrite', 'trusted', 'device'},
     'predict': {'checkpoint', 'images', 'output', 'score_thresh', 'overwrite', 'trusted', 'device'}}
 _DETECT_HINTS = {
     ('train', 'checkpoint'): "--checkpoint names a trained detector (evaluate, predict); start training from weights with --pretrained",
     ('evaluate', 'pretrained'): "evaluate scores a trained detector: pass it with --checkpoint",
     ('predict', 'pretrained'): "predict uses a trained detector: pass it with --checkpoint",
-    ('predict', 'data'): "predict reads an image or a folder of images: pass it with --images",
-    ('evaluate', 'images'): "evaluate reads a COCO-layout folder: pass it with --data"}
+    ('predict', 'data'): "predict reads an image or a folder of images, given as IMAGES (formerly --images)",
+    ('evaluate', 'images'): "evaluate reads a COCO-layout folder, given as DATA (formerly --data)"}
+_DETECT_ABOUT = {'train': "fine-tune Mask R-CNN on a COCO-layout folder DATA, from --pretrained weights",
+                 'evaluate': "COCO box and mask AP of a trained detector (--checkpoint) on a split of DATA",
+                 'predict': "figures of a trained detector's (--checkpoint) detections on IMAGES, a file or a folder"}
 
 def _main(mode, data=None, checkpoint=None, images=None, output=None, pretrained=None, resume=None, split=None,
           score_thresh=None, trusted=False, overwrite=False, **kw):
@@ -677,30 +665,34 @@ def _main(mode, data=None, checkpoint=None, images=None, output=None, pretrained
     kw = {k: v for k, v in kw.items() if v is not None and v is not False}
     device = kw.pop('device', None)
     if mode == 'train':
-        if data is None: raise UserError("train needs --data (a COCO-layout folder)")
+        if data is None: raise UserError("train needs DATA (a COCO-layout folder)")
         train_detection(data, output=output or 'runs/detect', pretrained=pretrained, resume=resume, trusted=trusted, overwrite=overwrite,
                         device=device, **kw)
     elif mode == 'evaluate':
-        if checkpoint is None or data is None: raise UserError("evaluate needs --checkpoint and --data")
+        if checkpoint is None or data is None: raise UserError("evaluate needs DATA and --checkpoint")
         split = split or 'val'
         out = output or Path(checkpoint).parent / f'eval_{split}'   # beside the checkpoint, never over the training run's files
         stats = evaluate_detection(checkpoint, data, split, out, bs=kw.get('bs'), precision=kw.get('precision'), trusted=trusted,
                                    overwrite=overwrite, device=device)
         print(format_stats(stats)); print(f"results_{split}.json and metrics_{split}.json in {out}")
     elif mode == 'predict':
-        if checkpoint is None or images is None: raise UserError("predict needs --checkpoint and --images (a file or a folder)")
+        if checkpoint is None or images is None: raise UserError("predict needs IMAGES (a file or a folder) and --checkpoint")
         score_thresh = 0.5 if score_thresh is None else score_thresh
         check_args(score_thresh=(score_thresh, 'unit'))
         saved = predict_detection(checkpoint, images, output or 'predictions', score_thresh, device=device, trusted=trusted, overwrite=overwrite)
         print(f"{len(saved)} figures in {Path(output or 'predictions')}")
 
+_OPTS = {m: {'model' if o == 'arch' else o for o in opts} - {'data', 'images'} for m, opts in DETECT_MODES.items()}
+
 @call_parse_exact
+@cli_spec(modes={'train': (['data'], _OPTS['train']), 'evaluate': (['data'], _OPTS['evaluate']), 'predict': (['images'], _OPTS['predict'])},
+          renamed=dict(data='data', images='images', arch='model'), hints=_DETECT_HINTS, about=_DETECT_ABOUT)  # old names still work
 def main(mode: Param("train, evaluate or predict", str),
          data: Param("COCO-layout folder (split/ and annotations/instances_split.json)", str)=None,
          checkpoint: Param("detection checkpoint (evaluate, predict)", str)=None,
          images: Param("image file or folder (predict)", str)=None,
          preset: Param("recipe: cpu, coco_25ep, coco_50ep or coco_100ep (default cpu)", str)=None,
-         arch: Param("backbone size: tiny, small or base", str)=None,
+         model: Param("backbone: tiny, small or base (or convvit_base_patch16, ...)", str)=None,
          img_size: Param("training and test size (multiple of 32)", int)=None,
          window_size: Param("stage-3 attention window in tokens", int)=None,
          epochs: Param("epochs", int)=None,
@@ -721,9 +713,12 @@ def main(mode: Param("train, evaluate or predict", str),
          overwrite: Param("replace what an earlier run wrote in --output", store_true)=False,
          trusted: Param("allow full unpickling of checkpoints you trust", store_true)=False,
          device: Param("cuda, cuda:1, cpu, ... (default: this process's GPU under torchrun, else the CPU)", str)=None,
+         tensorboard: Param("also log to TensorBoard, in OUTPUT/tensorboard (needs tensorboard)", store_true)=False,
+         wandb: Param("also log to Weights & Biases (needs wandb)", store_true)=False,
          debug: Param("show tracebacks", store_true)=False):
     "Mask R-CNN on ConvViT: train (fine-tune on a COCO-format set), evaluate (COCO box/mask AP), predict (figures)."
     run_cli(_main, mode, data=data, checkpoint=checkpoint, images=images, output=output, pretrained=pretrained, resume=resume,
-            split=split, score_thresh=score_thresh, trusted=trusted, overwrite=overwrite, debug=debug, preset=preset, arch=arch,
+            split=split, score_thresh=score_thresh, trusted=trusted, overwrite=overwrite, debug=debug, preset=preset, arch=model_size(model),
             img_size=img_size, window_size=window_size, epochs=epochs, warmup_epochs=warmup_epochs, lr=lr, accum=accum,
-            grad_checkpointing=grad_checkpointing, n_train=n_train, workers=workers, seed=seed, bs=bs, precision=precision, device=device)
+            grad_checkpointing=grad_checkpointing, n_train=n_train, workers=workers, seed=seed, bs=bs, precision=precision, device=device,
+            tensorboard=tensorboard, wandb=wandb)

@@ -155,15 +155,14 @@ def finetune_learner(dls, model: nn.Module, lr: float|None=None, blr: float=5e-4
                      mixup_switch_prob: float=0.5, smoothing: float=0.1, precision: str='fp32', world_size: int=1,
                      accum: int=1, cbs=None, **kwargs) -> Learner:
     "A fastai `Learner` with the official fine-tuning recipe; fit it with `learn.fit_warmup_cos(epochs, warmup_epochs=..., min_lr=...)`"
-    if not (isinstance(accum, int) and accum >= 1): raise ValueError(f"accum must be a positive integer, got {accum}")
     check_classes(dls, model)
     n_cls = _n_out(model)
     groups = layer_decay_groups(model, layer_decay, weight_decay)
     lr = scaled_lr(blr, dls.train.bs, world_size, accum) if lr is None else lr
-    cbs = [CheckClasses(), UnscoredReport(), *nonfinite_cbs(), MixupCallback(n_cls, mixup, cutmix, prob=mixup_prob, switch_prob=mixup_switch_prob, smoothing=smoothing),
-           *precision_cbs(precision), *([GradientAccumulation(dls.train.bs * accum)] if accum > 1 else []), *(cbs or [])]
-    learn = Learner(dls, model, loss_func=SoftTargetLoss(), opt_func=partial(adamw, betas=(0.9, 0.999)), lr=lr, splitter=groups.splitter, wd=groups.wds,
-                    metrics=[TopK(1), TopK(5)], cbs=cbs, **kwargs)
+    mix = MixupCallback(n_cls, mixup, cutmix, prob=mixup_prob, switch_prob=mixup_switch_prob, smoothing=smoothing)
+    learn = task_learner(dls, model, SoftTargetLoss(), partial(adamw, betas=(0.9, 0.999)), lr, precision=precision, accum=accum,
+                         cbs=[CheckClasses(), UnscoredReport(), mix], after=cbs or [], splitter=groups.splitter, wd=groups.wds,
+                         metrics=[TopK(1), TopK(5)], **kwargs)
     learn.lr_scales, learn.layer_groups = groups.lr_scales, groups
     return learn
 
@@ -259,7 +258,6 @@ def finetune(data, preset: str='cpu', checkpoint=None, output_dir=None, reset_he
     learn.config = {**c, 'num_classes': n_cls, 'classes': list(dls.train.vocab), 'preset': preset,
                     'checkpoint': str(checkpoint) if checkpoint else None,
                     'from_ema': from_ema, 'seed': seed, 'world_size': world}
-    if world > 1: learn.add_cb(ShardedTrainer(sync_bn=False, cpu=device.type != 'cuda'))
     show_progress(learn, verbose and rank == 0, progress)
     if not fit: return learn
     if rank == 0 and verbose:
@@ -299,24 +297,27 @@ def print_results(learn: Learner):
         print(json.dumps({'top1': r.get('top1'), 'top5': r.get('top5'), 'valid_unreadable': r.get('valid_unreadable', 0),
                           'wall_time_s': round(learn.wall_time, 1)}), flush=True)
 
-def _finetune_cli(data, preset, checkpoint, output_dir, resume, overwrite, reset_head, trusted, from_ema, device, seed, **ov):
+def _finetune_cli(data, preset, checkpoint, output_dir, resume, overwrite, reset_head, trusted, from_ema, device, seed,
+                  tensorboard=False, wandb=False, **ov):
     one_line_warnings()
     if output_dir is None and resume is None: output_dir = 'runs/finetune'  # a command always keeps what it trained
-    learn = finetune(data, preset, checkpoint=checkpoint, output_dir=output_dir, reset_head=reset_head, trusted=trusted,
+    loggers = extra_loggers(output_dir or Path(resume).parent, tensorboard, wandb) if not int(os.environ.get('RANK', 0)) else []
+    learn = finetune(data, preset, checkpoint=checkpoint, output_dir=output_dir, reset_head=reset_head, trusted=trusted, cbs=loggers,
                      resume=resume, device=device, seed=seed, overwrite=overwrite, from_ema=from_ema, progress='auto', **ov)
     print_results(learn)
 
 @call_parse_exact
+@cli_spec(renamed=dict(checkpoint='pretrained', output_dir='output', num_workers='workers'))  # the names before the one convention
 def main(data: Param("dataset root with train/ and val/ class folders (ImageNet layout)", str),
          preset: Param("settings preset: 'cpu' or 'official'", str)='cpu',
-         checkpoint: Param("checkpoint to start from: this package's (also MoR), Alpha-VL's or EasyCV's (.pth/.pt/.safetensors)", str)=None,
-         output_dir: Param("where to write checkpoint-latest.pth, finetuned.pth and history.csv (default runs/finetune; with --resume, its folder)", str)=None,
+         pretrained: Param("the weights to start from: this package's pretraining (also MoR), Alpha-VL's or EasyCV's (.pth/.pt/.safetensors)", str)=None,
+         output: Param("where to write checkpoint-latest.pth, finetuned.pth and history.csv (default runs/finetune; with --resume, its folder)", str)=None,
          resume: Param("checkpoint-latest.pth of an interrupted run to continue (same settings; default output: its folder)", str)=None,
-         overwrite: Param("replace the run already in --output_dir", store_true)=False,
+         overwrite: Param("replace the run already in --output", store_true)=False,
          reset_head: Param("re-initialise a checkpoint head whose number of classes differs", store_true)=False,
          trusted: Param("unpickle the checkpoint fully (ONLY for files you trust)", store_true)=False,
          from_ema: Param("MoR checkpoints: start from the EMA teacher's weights instead of the student's", store_true)=False,
-         model: Param("classifier: convvit_base_patch16, convvit_small_patch16 or convvit_tiny_patch16", str)=None,
+         model: Param("classifier: convvit_base_patch16, convvit_small_patch16 or convvit_tiny_patch16 (or base, small, tiny)", str)=None,
          img_size: Param("image size (px, a multiple of 16)", int)=None, bs: Param("batch size per process", int)=None,
          accum: Param("gradient accumulation steps (total batch = bs x processes x accum)", int)=None,
          epochs: Param("epochs", int)=None, warmup_epochs: Param("warm-up epochs", float)=None,
@@ -326,12 +327,14 @@ def main(data: Param("dataset root with train/ and val/ class folders (ImageNet 
          aa: Param("RandAugment policy (timm), 'none' to disable", str)=None, reprob: Param("random erasing probability", float)=None,
          mixup: Param("Mixup alpha", float)=None, cutmix: Param("CutMix alpha", float)=None,
          mixup_prob: Param("probability of mixing a batch", float)=None, smoothing: Param("label smoothing, in [0, 1)", float)=None,
-         precision: Param("fp32, bf16 or fp16", str)=None, num_workers: Param("loader processes per training process", int)=None,
+         precision: Param("fp32, bf16 or fp16", str)=None, workers: Param("loader processes per training process", int)=None,
          device: Param("cuda, cpu, ... (default: cuda if available)", str)=None, seed: Param("random seed", int)=0,
+         tensorboard: Param("also log to TensorBoard, in OUTPUT/tensorboard (needs tensorboard)", store_true)=False,
+         wandb: Param("also log to Weights & Biases (needs wandb)", store_true)=False,
          debug: Param("show the full traceback of an error", store_true)=False):
     "Fine-tune a ConvViT classifier with the official ConvMAE recipe (fastai)"
-    run_cli(_finetune_cli, data, preset, checkpoint, output_dir, resume, overwrite, reset_head, trusted, from_ema, device, seed,
-            model=model, img_size=img_size, bs=bs, accum=accum, epochs=epochs, warmup_epochs=warmup_epochs, lr=lr, blr=blr,
+    run_cli(_finetune_cli, data, preset, pretrained, output, resume, overwrite, reset_head, trusted, from_ema, device, seed,
+            model=model_name(model), img_size=img_size, bs=bs, accum=accum, epochs=epochs, warmup_epochs=warmup_epochs, lr=lr, blr=blr,
             min_lr=min_lr, layer_decay=layer_decay, weight_decay=weight_decay, drop_path=drop_path,
             aa='' if aa == 'none' else aa, reprob=reprob, mixup=mixup, cutmix=cutmix, mixup_prob=mixup_prob,
-            smoothing=smoothing, precision=precision, num_workers=num_workers, debug=debug)
+            smoothing=smoothing, precision=precision, num_workers=workers, tensorboard=tensorboard, wandb=wandb, debug=debug)

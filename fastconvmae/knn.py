@@ -16,13 +16,12 @@ from fastai.learner import Metric
 from fastai.distributed import rank_distrib
 from .data import UNREADABLE, finetune_eval_transform, classifier_dls
 from .models import create_model, classifier_archs
-from .cli import UserError, check_args, run_cli, call_parse_exact
+from .cli import UserError, check_args, run_cli, call_parse_exact, model_name
 from .checkpoint import load_pretrained, load_checkpoint
 from .training import unwrap, isolated_rng
 
 # %% auto #0
-__all__ = ['pooled_features', 'extract_features', 'knn_predict', 'knn_accuracy', 'KNNEvaluator', 'KNNAccuracy', 'knn_metrics',
-           'main']
+__all__ = ['pooled_features', 'knn_features', 'knn_predict', 'knn_accuracy', 'KNNEvaluator', 'KNNAccuracy', 'knn_metrics', 'main']
 
 # %% ../nbs/08b_knn.ipynb #24a236c6
 @torch.no_grad()
@@ -36,7 +35,7 @@ def pooled_features(model: nn.Module, x: Tensor, precision: str='bf16') -> Tenso
     return F.normalize(t.float().mean(1), dim=-1)
 
 @torch.no_grad()
-def extract_features(model: nn.Module, dl, precision: str='bf16') -> tuple[Tensor, Tensor, int]:
+def knn_features(model: nn.Module, dl, precision: str='bf16') -> tuple[Tensor, Tensor, int]:
     "`(features [N, D], labels [N], n_unreadable)` of a labelled loader, the model in eval mode; unreadable images left out."
     m = unwrap(model); was = m.training; m.eval()
     dev = next(m.parameters()).device
@@ -88,8 +87,8 @@ class KNNEvaluator:
         if key is not None and self._cache[0] == key: return self._cache[1]
         t0 = time.time()
         with isolated_rng(0):
-            ft, yt, bad_t = extract_features(model, self.bank_dl, self.precision)
-            fv, yv, bad_v = extract_features(model, self.dls.valid, self.precision)
+            ft, yt, bad_t = knn_features(model, self.bank_dl, self.precision)
+            fv, yv, bad_v = knn_features(model, self.dls.valid, self.precision)
         res = knn_accuracy(ft, yt, fv, yv, self.k, self.T, self.num_classes)
         res.update(n_train=len(yt), n_valid=len(yv), unreadable=bad_t + bad_v, seconds=round(time.time() - t0, 1))
         self._cache = (key, res)
@@ -125,7 +124,7 @@ def _knn_cli(data, checkpoint=None, model=None, img_size=None, k=20, temperature
     ck = load_checkpoint(checkpoint, trusted=trusted) if checkpoint else None
     rec = (ck.get('recipe') or {}) if isinstance(ck, dict) else {}
     arch = rec.get('arch', '')
-    model = model or ('convvit_' + arch.split('convvit_', 1)[1] if 'convvit_' in arch else 'convvit_base_patch16')
+    model = model_name(model) or ('convvit_' + arch.split('convvit_', 1)[1] if 'convvit_' in arch else 'convvit_base_patch16')
     if model not in classifier_archs(): raise UserError(f"--model must be one of {', '.join(classifier_archs())}, got {model!r}")
     img_size = img_size or rec.get('img_size') or 224
     if seed is not None: torch.manual_seed(seed)  # the random initialisation (without a checkpoint)
@@ -139,7 +138,7 @@ def _knn_cli(data, checkpoint=None, model=None, img_size=None, k=20, temperature
 @call_parse_exact
 def main(data: Param("dataset root with train/ (memory bank) and val/ (queries) class folders (ImageNet layout)", str),
          checkpoint: Param("checkpoint to score (this package's, also MoR; Alpha-VL's; EasyCV's); none: random init", str)=None,
-         model: Param("encoder: convvit_base_patch16, convvit_small_patch16 or convvit_tiny_patch16 (default: the checkpoint's)", str)=None,
+         model: Param("encoder: convvit_base_patch16, convvit_small_patch16 or convvit_tiny_patch16, or base, small, tiny (default: the checkpoint's)", str)=None,
          img_size: Param("image size (px, a multiple of 16; default: the checkpoint's, else 224)", int)=None,
          k: Param("neighbours", int)=20, temperature: Param("vote temperature", float)=0.07,
          n_train: Param("use an evenly spaced subset of this many training images as the memory bank", int)=None,

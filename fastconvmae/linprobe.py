@@ -21,15 +21,15 @@ from timm.optim import Lars
 from .encoder import ConvViT
 from .models import create_model
 from .data import pretrain_transform, UNREADABLE, classifier_dls, finetune_eval_transform
-from .cli import UserError, check_args, check_output, prepare_output, run_cli, call_parse_exact
+from .cli import UserError, check_args, check_output, prepare_output, run_cli, call_parse_exact, cli_spec, model_name
 from .checkpoint import atomic_save, load_checkpoint, load_pretrained
 from .training import (ShardedTrainer, RunLog, unwrap, launch_setup, seed_rank, precision_cbs, show_progress,
-                                  read_resume, nonfinite_cbs)
+                                  read_resume, nonfinite_cbs, extra_loggers, task_learner)
 from .finetune import (SoftTargetLoss, TopK, CheckClasses, UnscoredReport, check_classes, check_settings, scaled_lr,
                                   results, FinetuneCheckpoint, one_line_warnings, print_results, check_classifier_resume)
 
 # %% auto #0
-__all__ = ['LINPROBE_PRESETS', 'linprobe_model', 'lars', 'linprobe_dls', 'linprobe_learner', 'linprobe', 'extract_features',
+__all__ = ['LINPROBE_PRESETS', 'linprobe_model', 'lars', 'linprobe_dls', 'linprobe_learner', 'linprobe', 'probe_features',
            'fit_linear', 'quick_probe', 'main']
 
 # %% ../nbs/08_linprobe.ipynb #5fc51972
@@ -63,9 +63,9 @@ def linprobe_learner(dls, model: ConvViT, lr: float|None=None, blr: float=0.1, w
     if not isinstance(model.head, nn.Sequential): model = linprobe_model(model)
     check_classes(dls, model)
     lr = scaled_lr(blr, dls.train.bs, world_size) if lr is None else lr
-    learn = Learner(dls, model, loss_func=SoftTargetLoss(), opt_func=partial(lars, weight_decay=weight_decay), lr=lr,
-                    splitter=lambda m: [[p for p in m.parameters() if p.requires_grad]], metrics=[TopK(1), TopK(5)],
-                    cbs=[CheckClasses(), UnscoredReport(), *nonfinite_cbs(), *precision_cbs(precision), *(cbs or [])], **kwargs)
+    learn = task_learner(dls, model, SoftTargetLoss(), partial(lars, weight_decay=weight_decay), lr, precision=precision,
+                         cbs=[CheckClasses(), UnscoredReport()], after=cbs or [], metrics=[TopK(1), TopK(5)],
+                         splitter=lambda m: [[p for p in m.parameters() if p.requires_grad]], **kwargs)
     learn.lr_scales = None
     return learn
 
@@ -106,7 +106,6 @@ def linprobe(data, preset: str='cpu', checkpoint=None, output_dir=None, trusted:
                              precision=c['precision'], world_size=world, cbs=cbs)
     learn.config = {**c, 'num_classes': n_cls, 'classes': list(dls.train.vocab), 'preset': preset, 'checkpoint': str(checkpoint) if checkpoint else None,
                     'from_ema': from_ema, 'seed': seed, 'world_size': world}
-    if world > 1: learn.add_cb(ShardedTrainer(sync_bn=False, cpu=device.type != 'cuda'))
     show_progress(learn, verbose and rank == 0, progress)
     if not fit: return learn
     t0 = time.time()
@@ -120,7 +119,7 @@ def linprobe(data, preset: str='cpu', checkpoint=None, output_dir=None, trusted:
 
 # %% ../nbs/08_linprobe.ipynb #9e0682ea
 @torch.no_grad()
-def extract_features(model: ConvViT, dl, precision: str='fp32') -> tuple[Tensor, Tensor]:
+def probe_features(model: ConvViT, dl, precision: str='fp32') -> tuple[Tensor, Tensor]:
     "Pooled, `fc_norm`-ed stage-3 features [N, D] (float32, CPU) and labels [N] of every batch of `dl`, in order"
     model = unwrap(model).eval()
     dev = next(model.parameters()).device
@@ -169,7 +168,7 @@ def quick_probe(data, checkpoint=None, model: str|nn.Module='convvit_tiny_patch1
     if ck is not None: load_pretrained(model, ck, reset_head=True, verbose=verbose, from_ema=from_ema, source=str(checkpoint))
     model.to(device)
     train_dl = dls.train.new(shuffle=False, drop_last=False)
-    (xt, yt), (xv, yv) = extract_features(model, train_dl, precision), extract_features(model, dls.valid, precision)
+    (xt, yt), (xv, yv) = probe_features(model, train_dl, precision), probe_features(model, dls.valid, precision)
     (xt, yt), (xv, yv) = _readable(xt, yt), _readable(xv, yv)   # unreadable images: neither fitted nor scored
     t1 = time.time()
     res = fit_linear(xt, yt, xv, yv, wd=wd)
@@ -179,10 +178,12 @@ def quick_probe(data, checkpoint=None, model: str|nn.Module='convvit_tiny_patch1
     return res
 
 # %% ../nbs/08_linprobe.ipynb #7753d2bd
-def _linprobe_cli(data, checkpoint, preset, quick, output_dir, resume, overwrite, trusted, from_ema, wd, device, seed, **ov):
+def _linprobe_cli(data, checkpoint, preset, quick, output_dir, resume, overwrite, trusted, from_ema, wd, device, seed,
+                  tensorboard=False, wandb=False, **ov):
     one_line_warnings()
     if quick:
-        if output_dir or resume: raise UserError("--quick writes nothing: drop --output_dir / --resume (its result is the printed JSON line)")
+        if output_dir or resume or tensorboard or wandb:
+            raise UserError("--quick writes nothing: drop --output / --resume / --tensorboard / --wandb (its result is the printed JSON line)")
         if preset not in LINPROBE_PRESETS: raise UserError(f"unknown preset {preset!r}; choose one of {', '.join(sorted(LINPROBE_PRESETS))}")
         c = {**LINPROBE_PRESETS[preset], **{k: v for k, v in ov.items() if v is not None}}
         check_settings(c, seed); check_args(wd=(wd, 'nonneg'))
@@ -190,29 +191,33 @@ def _linprobe_cli(data, checkpoint, preset, quick, output_dir, resume, overwrite
         return quick_probe(data, checkpoint, c['model'], c['img_size'], c['bs'], ov.get('num_workers') or 0,
                            wd, c['precision'], trusted, device or ('cuda' if torch.cuda.is_available() else 'cpu'), from_ema=from_ema)
     if output_dir is None and resume is None: output_dir = 'runs/linprobe'  # a command always keeps what it trained
-    learn = linprobe(data, preset, checkpoint=checkpoint, output_dir=output_dir, trusted=trusted, device=device, seed=seed,
+    loggers = extra_loggers(output_dir or Path(resume).parent, tensorboard, wandb) if not int(os.environ.get('RANK', 0)) else []
+    learn = linprobe(data, preset, checkpoint=checkpoint, output_dir=output_dir, trusted=trusted, device=device, seed=seed, cbs=loggers,
                      resume=resume, overwrite=overwrite, from_ema=from_ema, progress='auto', **ov)
     print_results(learn)
 
 @call_parse_exact
+@cli_spec(renamed=dict(checkpoint='pretrained', output_dir='output', num_workers='workers'))  # the names before the one convention
 def main(data: Param("dataset root with train/ and val/ class folders (ImageNet layout)", str),
-         checkpoint: Param("checkpoint to probe: this package's (also MoR), Alpha-VL's or EasyCV's (.pth/.pt/.safetensors)", str)=None,
+         pretrained: Param("the pretrained encoder to probe: this package's (also MoR), Alpha-VL's or EasyCV's (.pth/.pt/.safetensors)", str)=None,
          preset: Param("settings preset: 'cpu' or 'official'", str)='cpu',
          quick: Param("quick probe: extract features once, fit a logistic regression", store_true)=False,
-         output_dir: Param("where to write checkpoint-latest.pth, linprobe.pth and history.csv (default runs/linprobe; with --resume, its folder)", str)=None,
+         output: Param("where to write checkpoint-latest.pth, linprobe.pth and history.csv (default runs/linprobe; with --resume, its folder)", str)=None,
          resume: Param("checkpoint-latest.pth of an interrupted probe to continue (default output: its folder)", str)=None,
-         overwrite: Param("replace the run already in --output_dir", store_true)=False,
+         overwrite: Param("replace the run already in --output", store_true)=False,
          trusted: Param("unpickle the checkpoint fully (ONLY for files you trust)", store_true)=False,
          from_ema: Param("MoR checkpoints: probe the EMA teacher's weights instead of the student's", store_true)=False,
-         model: Param("encoder: convvit_base_patch16, convvit_small_patch16 or convvit_tiny_patch16", str)=None,
+         model: Param("encoder: convvit_base_patch16, convvit_small_patch16 or convvit_tiny_patch16 (or base, small, tiny)", str)=None,
          img_size: Param("image size (px, a multiple of 16)", int)=None, bs: Param("batch size per process", int)=None,
          epochs: Param("epochs", int)=None, warmup_epochs: Param("warm-up epochs", float)=None,
          lr: Param("learning rate (default: blr * total batch / 256)", float)=None, blr: Param("base learning rate", float)=None,
          weight_decay: Param("weight decay (official: 0)", float)=None, wd: Param("quick probe: L2 penalty", float)=1e-4,
-         precision: Param("fp32, bf16 or fp16", str)=None, num_workers: Param("loader processes per training process", int)=None,
+         precision: Param("fp32, bf16 or fp16", str)=None, workers: Param("loader processes per training process", int)=None,
          device: Param("cuda, cpu, ... (default: cuda if available)", str)=None, seed: Param("random seed", int)=0,
+         tensorboard: Param("also log to TensorBoard, in OUTPUT/tensorboard (needs tensorboard)", store_true)=False,
+         wandb: Param("also log to Weights & Biases (needs wandb)", store_true)=False,
          debug: Param("show the full traceback of an error", store_true)=False):
     "Linear probing of a ConvViT encoder (official protocol, or --quick)"
-    run_cli(_linprobe_cli, data, checkpoint, preset, quick, output_dir, resume, overwrite, trusted, from_ema, wd, device, seed,
-            model=model, img_size=img_size, bs=bs, epochs=epochs, warmup_epochs=warmup_epochs, lr=lr, blr=blr,
-            weight_decay=weight_decay, precision=precision, num_workers=num_workers, debug=debug)
+    run_cli(_linprobe_cli, data, pretrained, preset, quick, output, resume, overwrite, trusted, from_ema, wd, device, seed,
+            model=model_name(model), img_size=img_size, bs=bs, epochs=epochs, warmup_epochs=warmup_epochs, lr=lr, blr=blr,
+            weight_decay=weight_decay, precision=precision, num_workers=workers, tensorboard=tensorboard, wandb=wandb, debug=debug)

@@ -15,14 +15,14 @@ from torch import Tensor
 from fastcore.script import Param, store_true
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from .encoder import ConvViT, CONVVIT_ARCHS
-from .data import load_rgb, BadImageError, BadImageWarning, _walk, finetune_eval_transform
+from .data import load_rgb, BadImageError, BadImageWarning, image_files, finetune_eval_transform
 from .models import create_model, read_weights, classifier_archs
 from .cli import UserError, check_args, run_cli, call_parse_exact
 from .checkpoint import load_checkpoint, checkpoint_state_dict, convert_state_dict, CheckpointNotFoundError
 
 # %% auto #0
 __all__ = ['LINPROBE_EPS', 'pretraining_error', 'is_pretraining', 'fold_linprobe_head', 'infer_settings', 'read_classifier',
-           'read_classes', 'load_classifier', 'pick_device', 'image_files', 'predict_iter', 'predict', 'format_result',
+           'read_classes', 'load_classifier', 'pick_device', 'predict_iter', 'predict', 'format_result',
            'one_line_warnings', 'main']
 
 # %% ../nbs/14_predict.ipynb #474a2c9b
@@ -150,23 +150,6 @@ def pick_device(device=None) -> torch.device:
     except RuntimeError: raise UserError(f"--device {device!r} is not a device: try cpu or cuda") from None
     if d.type == 'cuda' and not torch.cuda.is_available(): raise UserError(f"--device {device}: CUDA is not available here")
     return d
-
-# %% ../nbs/14_predict.ipynb #5c268081
-def image_files(paths, extensions=IMG_EXTENSIONS) -> list[Path]:
-    "The image files named by `paths` (one or a list): files as they are, folders searched recursively in sorted order (hidden entries skipped)"
-    exts = tuple(e.lower() for e in extensions)
-    out = []
-    for p in [paths] if isinstance(paths, (str, Path)) else paths:
-        p = Path(p).expanduser()
-        if p.is_dir():
-            found = _walk(p, exts)
-            if not found: raise UserError(f"no images ({' '.join(exts)}) in {p}")
-            out += found
-        elif p.is_file():
-            if not p.name.lower().endswith(exts): raise UserError(f"{p} is not an image file (expected {' '.join(exts)})")
-            out.append(p)
-        else: raise FileNotFoundError(f"image not found: {p}")
-    return out
 
 # %% ../nbs/14_predict.ipynb #a091c075
 def _batches(files: list[Path], tfm, bs: int, named: set) -> Iterator[tuple[list[Path], Tensor]]:

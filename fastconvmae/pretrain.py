@@ -111,29 +111,18 @@ def pretrain_learner(dls: DataLoaders, recipe: PretrainRecipe|None=None, model: 
                      figures: bool=True, log: bool=True, cbs=None, **model_kwargs) -> Learner:
     "A fastai `Learner` for ConvMAE / Fast ConvMAE pretraining with the recipe's optimizer, precision and callbacks."
     r = recipe or PretrainRecipe()
-    if r.precision not in ('fp32', 'bf16', 'fp16'): raise ValueError(f"precision must be fp32, bf16 or fp16, got {r.precision!r}")
     if model is None:
         model = create_model(r.arch, img_size=r.img_size, norm_pix_loss=r.norm_pix_loss, mask_ratio=r.mask_ratio, **model_kwargs)
     if not isinstance(unwrap(model), MaskedAutoencoderConvViT): raise TypeError(f"expected a pretraining model, got {type(model).__name__}")
     world = max(num_distrib(), 1)
     eff_bs = dls.train.bs * r.accum * world
     output = Path(output)
-    if not rank_distrib(): output.mkdir(parents=True, exist_ok=True)
-    cbs = list(cbs or []) + nonfinite_cbs()
-    if r.precision != 'fp32': cbs.append(AnyDeviceMixedPrecision(r.precision))
-    if r.accum > 1: cbs.append(GradientAccumulation(dls.train.bs * r.accum))
-    if r.clip: cbs.append(GradientClip(r.clip))
-    if save_every: cbs.append(PretrainCheckpoint(output, save_every, keep_checkpoints, r))
-    if figures: cbs.append(ReconstructionFigure(output))
-    if log and not rank_distrib(): cbs.append(RunLog('log.csv'))
-    cbs.append(BadImageReport())
-    learn = Learner(dls, model, loss_func=mae_loss, opt_func=partial(adamw, betas=r.betas),
-                    splitter=partial(pretrain_param_groups, weight_decay=r.weight_decay),
-                    lr=r.blr * eff_bs / 256, path=output, model_dir='.', cbs=cbs)
+    learn = task_learner(dls, model, mae_loss, partial(adamw, betas=r.betas), r.blr * eff_bs / 256, precision=r.precision,
+                         accum=r.accum, clip=r.clip, output=output, log='log.csv' if log else None, cbs=cbs,
+                         checkpoint=PretrainCheckpoint(output, save_every, keep_checkpoints, r) if save_every else None,
+                         after=[*([ReconstructionFigure(output)] if figures else []), BadImageReport()],
+                         splitter=partial(pretrain_param_groups, weight_decay=r.weight_decay))
     learn.recipe, learn.eff_bs = r, eff_bs
-    if world > 1:
-        learn.add_cb(ShardedTrainer(sync_bn=False, cpu=not torch.cuda.is_available()))
-        if rank_distrib(): learn.remove_cb(ProgressCallback)
     return learn
 
 # %% ../nbs/05_pretrain.ipynb #0c72ec2b

@@ -27,11 +27,11 @@ from fastai.callback.progress import CSVLogger, ProgressCallback
 from fastai.distributed import rank_distrib, num_distrib
 from fastai.torch_core import default_device, defaults
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from .data import ImageFolderDataset, BadImageError, BadImageWarning, BadImageReport, PretrainDL, load_rgb, denormalize
+from .data import ImageFolderDataset, BadImageError, BadImageWarning, BadImageReport, PretrainDL, load_rgb, denormalize, image_files
 from .cli import (UserError, check_args, check_output, prepare_output, run_cli, worker_message, check_mode_options,
-                             call_parse_exact)
+                             call_parse_exact, cli_spec, model_size)
 from .checkpoint import atomic_save, load_checkpoint
-from .training import (AnyDeviceMixedPrecision, ShardedTrainer, PretrainCheckpoint, nonfinite_cbs, NonFiniteLossError,
+from .training import (AnyDeviceMixedPrecision, ShardedTrainer, PretrainCheckpoint, nonfinite_cbs, NonFiniteLossError, extra_loggers, task_learner,
                                   RunLog, unwrap, launch_setup, seed_rank, check_resume, fit_resumable, console_progress,
                                   keep_published_batch, convvit_layer_id, LayerGroups, adamw)
 from .backbone import convvit_seg, load_backbone
@@ -661,30 +661,16 @@ SEG_PRESETS = dict(
 )
 
 # %% ../nbs/11_segmentation.ipynb #fb58b303
-def _precision_cbs(precision: str) -> list:
-    if precision not in ('fp32', 'bf16', 'fp16'): raise ValueError(f"precision must be fp32, bf16 or fp16, got {precision!r}")
-    return [] if precision == 'fp32' else [AnyDeviceMixedPrecision(precision)]
-
 def seg_learner(dls: DataLoaders, model: UperNet, recipe: SegRecipe|None=None, output=None, save_every: int=1,
                 log: bool=True, cbs=None) -> Learner:
     "A fastai `Learner` with the recipe's optimiser groups, loss, metrics, precision, accumulation, checkpoints and DDP"
     r = recipe or SegRecipe()
     groups = seg_param_groups(unwrap(model), r.layer_decay, r.weight_decay)
-    world, rank = max(num_distrib(), 1), rank_distrib()
-    cbs = list(cbs or []) + [*nonfinite_cbs(), *_precision_cbs(r.precision), BadImageReport()]
-    if r.accum > 1: cbs.append(GradientAccumulation(dls.train.bs * r.accum))
-    if output is not None:
-        output = Path(output)
-        if rank == 0: output.mkdir(parents=True, exist_ok=True)
-        if save_every: cbs.append(PretrainCheckpoint(output, save_every, recipe=r))
-        if log and rank == 0: cbs.append(RunLog('log.csv'))
-    learn = Learner(dls, model, loss_func=SegLoss(r.aux_weight), opt_func=partial(adamw, betas=r.betas), lr=r.lr,
-                    splitter=groups.splitter, wd=groups.wds, metrics=seg_metrics(unwrap(model).num_classes),
-                    path=output or Path('.'), model_dir='.', cbs=cbs)
+    learn = task_learner(dls, model, SegLoss(r.aux_weight), partial(adamw, betas=r.betas), r.lr, precision=r.precision, accum=r.accum,
+                         output=output, log='log.csv' if log else None, cbs=cbs, after=[BadImageReport()],
+                         checkpoint=PretrainCheckpoint(output, save_every, recipe=r) if save_every and output is not None else None,
+                         splitter=groups.splitter, wd=groups.wds, metrics=seg_metrics(unwrap(model).num_classes), sync_bn=True)
     learn.recipe, learn.lr_scales, learn.layer_groups = r, groups.lr_scales, groups
-    if world > 1:
-        learn.add_cb(ShardedTrainer(sync_bn=torch.cuda.is_available(), cpu=not torch.cuda.is_available()))
-        if rank: learn.remove_cb(ProgressCallback)
     return learn
 
 # %% ../nbs/11_segmentation.ipynb #01dbb356
@@ -825,21 +811,14 @@ def _ints(s, name: str, n: int=2):
     if len(v) != n or min(v) <= 0: raise UserError(f"--{name} must be {n} positive integers separated by a comma, got {s!r}")
     return v
 
-def _image_files(path) -> list[Path]:
-    p = Path(path).expanduser()
-    if p.is_file(): return [p]
-    if not p.is_dir(): raise UserError(f"image or folder not found: {p}")
-    files = sorted(f for f in p.iterdir() if f.suffix.lower() in IMG_EXTS and not f.name.startswith('.'))
-    if not files: raise UserError(f"no images ({' '.join(IMG_EXTS)}) in {p}")
-    return files
-
 def _print_scores(s: dict, classes: list):
     names = classes or [f'class {i}' for i in range(len(s['IoU']))]
     w = max(len(n) for n in names)
     print('\n'.join(f"  {n:{w}s}  IoU {100 * v:5.1f}" for n, v in zip(names, s['IoU'])))
     print(f"  {'mean':{w}s}  mIoU {100 * s['mIoU']:.2f}  aAcc {100 * s['aAcc']:.2f}  mAcc {100 * s['mAcc']:.2f}")
 
-def _train(data, preset, checkpoint, output, resume, overwrite, force_resume, seed, workers, n_valid, num_classes, trusted, device, ov):
+def _train(data, preset, checkpoint, output, resume, overwrite, force_resume, seed, workers, n_valid, num_classes, trusted, device, ov,
+           tensorboard=False, wandb=False):
     if preset not in SEG_PRESETS: raise UserError(f"unknown preset {preset!r}; choose one of {', '.join(sorted(SEG_PRESETS))}")
     r = _recipe(preset, **ov)
     world = max(num_distrib(), 1)
@@ -849,8 +828,10 @@ def _train(data, preset, checkpoint, output, resume, overwrite, force_resume, se
     if r.test_mode not in ('whole', 'slide'): raise UserError(f"--mode must be whole or slide, got {r.test_mode!r}")
     out = Path(output or (Path(resume).parent if resume else 'runs/segment'))
     if note and not rank_distrib(): print(note)
+    loggers = extra_loggers(out, tensorboard, wandb) if not int(os.environ.get('RANK', 0)) else []  # a missing package stops here
     learn = segment(data, preset, checkpoint=checkpoint, output=out, resume=resume, seed=seed, device=device, num_workers=workers,
                     n_valid=n_valid, num_classes=num_classes, trusted=trusted, fit=False, overwrite=overwrite, **{f.name: getattr(r, f.name) for f in fields(SegRecipe)})
+    learn.add_cbs(loggers)
     console_progress(learn)
     fit_segment(learn, resume=resume, force_resume=force_resume)
     if not rank_distrib():
@@ -874,7 +855,7 @@ def _evaluate(data, checkpoint, split, mode, window, stride, flip, n_valid, prec
 
 def _predict(data, checkpoint, output, mode, window, stride, flip, precision, device, overwrite=False):
     if not checkpoint: raise UserError("predict needs --checkpoint (the segmenter.pth of a trained run)")
-    files = _image_files(data)
+    files = image_files(data)
     _, _, device = launch_setup(0, device)
     model, ck = load_segmenter(checkpoint, device, mode=mode, crop=window, stride=stride, flip=flip or None)
     out = check_output(output or 'predictions', overwrite=overwrite, products={f'{f.stem}.png' for f in files})  # touches nothing
@@ -893,25 +874,32 @@ def _predict(data, checkpoint, output, mode, window, stride, flip, precision, de
 #: the options of each command of `fastconvmae_segment` (any other is refused)
 _INFER = {'mode', 'window', 'stride', 'flip', 'precision', 'device'}
 SEGMENT_MODES = {
-    'train': {'preset', 'checkpoint', 'output', 'resume', 'overwrite', 'force_resume', 'arch', 'crop', 'scale', 'bs', 'accum', 'iters',
+    'train': {'preset', 'pretrained', 'output', 'resume', 'overwrite', 'force_resume', 'model', 'crop', 'scale', 'bs', 'accum', 'iters',
               'eval_interval', 'warmup_iters', 'lr', 'layer_decay', 'weight_decay', 'drop_path', 'channels', 'aux_channels', 'valid_bs',
-              'n_valid', 'num_classes', 'workers', 'seed', 'trusted'} | _INFER,
+              'n_valid', 'num_classes', 'workers', 'seed', 'trusted', 'tensorboard', 'wandb'} | _INFER,
     'evaluate': {'checkpoint', 'valid_bs', 'split', 'n_valid', 'workers'} | _INFER,
     'predict': {'checkpoint', 'output', 'overwrite'} | _INFER}
 _SEGMENT_HINTS = {('evaluate', 'output'): "evaluate prints its scores and writes nothing",
                   'preset': "the recipe of a trained segmenter is the one in its checkpoint",
-                  ('evaluate', 'overwrite'): "evaluate writes nothing"}
+                  ('evaluate', 'overwrite'): "evaluate writes nothing",
+                  ('train', 'checkpoint'): "--checkpoint names a trained segmenter (evaluate, predict); start training from weights with --pretrained"}
+_SEGMENT_ABOUT = {'train': "train UperNet on an ADE20K-layout folder DATA, from --pretrained encoder weights",
+                  'evaluate': "mIoU of a trained segmenter (--checkpoint) on a split of DATA",
+                  'predict': "overlay figures of a trained segmenter's (--checkpoint) predictions on DATA, an image or a folder"}
 
 @call_parse_exact
+@cli_spec(modes={m: (['data'], opts) for m, opts in SEGMENT_MODES.items()}, renamed=dict(checkpoint='pretrained', arch='model'),
+          hints=_SEGMENT_HINTS, about=_SEGMENT_ABOUT, what='command')  # train --checkpoint and --arch: the names before the one convention
 def main(command: str, # train, evaluate or predict
          data: str, # train / evaluate: dataset root in the ADE20K layout; predict: an image file or a folder of images
          preset: str=None, # train: recipe, cpu (default) or ade20k (the official ADE20K configuration)
-         checkpoint: str=None, # train: pretrained encoder (this package's, Alpha-VL's or EasyCV's); evaluate / predict: segmenter.pth
+         pretrained: str=None, # train: the encoder weights to start from (this package's, Alpha-VL's or EasyCV's)
+         checkpoint: str=None, # evaluate / predict: the trained segmenter (segmenter.pth)
          output: str=None, # train: run folder (default runs/segment); predict: folder of figures (default predictions)
          resume: str=None, # train: checkpoint-latest.pth of a run to continue
          overwrite: bool=False, # train: replace the run already in --output; predict: replace earlier figures there
          force_resume: bool=False, # train: resume even if the checkpoint's architecture differs
-         arch: str=None, # backbone size: base (official ConvViT-B), small or tiny
+         model: str=None, # backbone: base (official ConvViT-B), small or tiny (or convvit_base_patch16, ...)
          crop: int=None, # training crop (multiple of 32)
          scale: str=None, # base scale 'long,short' of the random rescale and of evaluation, e.g. 2048,512
          bs: int=None, # batch size per process
@@ -938,6 +926,8 @@ def main(command: str, # train, evaluate or predict
          seed: int=None, # train: seed of initialisation and data order (default 0)
          device: str=None, # cpu, cuda, ... (default: this process's GPU, else the CPU)
          trusted: bool=False, # unpickle the pretrained checkpoint fully (ONLY for files you trust)
+         tensorboard: bool=False, # train: also log to TensorBoard, in OUTPUT/tensorboard (needs tensorboard)
+         wandb: bool=False, # train: also log to Weights & Biases (needs wandb)
          debug: bool=False, # show tracebacks instead of one-line errors
         ):
     "Semantic segmentation with UperNet on the ConvViT encoder: train, evaluate or predict (one process, or one per GPU under torchrun)."
@@ -955,12 +945,12 @@ def main(command: str, # train, evaluate or predict
         if mode is not None and mode not in ('whole', 'slide'): raise UserError(f"--mode must be whole or slide, got {mode!r}")
         if command in ('train', 'evaluate') and not Path(data).expanduser().is_dir(): raise UserError(f"dataset folder not found: {data}")
         if command == 'train':
-            ov = dict(arch=arch, crop=crop, scale=_ints(scale, 'scale'), bs=bs, accum=accum, iters=iters, eval_interval=eval_interval,
+            ov = dict(arch=model_size(model), crop=crop, scale=_ints(scale, 'scale'), bs=bs, accum=accum, iters=iters, eval_interval=eval_interval,
                       warmup_iters=warmup_iters, lr=lr, layer_decay=layer_decay, weight_decay=weight_decay, drop_path=drop_path,
                       channels=channels, aux_channels=aux_channels, precision=precision, test_mode=mode, test_crop=window,
                       test_stride=stride, flip=flip or None, valid_bs=valid_bs)
-            _train(data, preset or 'cpu', checkpoint, output, resume, overwrite, force_resume, seed or 0, workers, n_valid, num_classes, trusted, device,
-                   {k: v for k, v in ov.items() if v is not None})
+            _train(data, preset or 'cpu', pretrained, output, resume, overwrite, force_resume, seed or 0, workers, n_valid, num_classes, trusted, device,
+                   {k: v for k, v in ov.items() if v is not None}, tensorboard, wandb)
         elif command == 'evaluate': _evaluate(data, checkpoint, split or 'validation', mode, window, stride, flip, n_valid, precision, device, valid_bs, workers)
         elif command == 'predict': _predict(data, checkpoint, output, mode, window, stride, flip, precision, device, overwrite)
     run_cli(_run, debug=debug)  # a data-loading worker's error: its own message on one line (`worker_message`)

@@ -19,6 +19,7 @@ from fastai.callback.core import Callback, CancelFitException, CancelEpochExcept
 from fastai.callback.schedule import ParamScheduler, SchedCos, SchedLin, combine_scheds
 from fastai.callback.fp16 import MixedPrecision
 from fastai.callback.progress import CSVLogger, ProgressCallback
+from fastai.callback.training import GradientAccumulation, GradientClip
 from fastai.optimizer import OptimWrapper
 from fastai.distributed import DistributedTrainer, rank_distrib, num_distrib
 from fastai.torch_core import default_device
@@ -33,7 +34,7 @@ __all__ = ['pretrain_param_groups', 'adamw', 'lr_schedule', 'AnyDeviceMixedPreci
            'isolated_rng', 'all_rng_states', 'PretrainCheckpoint', 'SkipEpochs', 'RestoreState', 'RunLog',
            'load_model_state', 'check_resume', 'read_resume', 'fit_resumable', 'keep_published_batch', 'ShardedTrainer',
            'launch_setup', 'seed_rank', 'EpochLines', 'console_progress', 'show_progress', 'extra_loggers',
-           'convvit_layer_id', 'LayerGroups', 'layer_decay_groups', 'precision_cbs']
+           'convvit_layer_id', 'LayerGroups', 'layer_decay_groups', 'precision_cbs', 'task_learner']
 
 # %% ../nbs/22_training.ipynb #6fc3dbb8
 def pretrain_param_groups(model: nn.Module, weight_decay: float=0.05) -> list[dict]:
@@ -444,3 +445,30 @@ def precision_cbs(precision: str='fp32') -> list:
     if precision in ('fp32', None): return []
     if precision in ('bf16', 'fp16'): return [AnyDeviceMixedPrecision(precision)]
     raise ValueError(f"precision must be 'fp32', 'bf16' or 'fp16', got {precision!r}")
+
+# %% ../nbs/22_training.ipynb #91081787
+def task_learner(dls, model: nn.Module, loss_func, opt_func, lr: float, *, precision: str='fp32', accum: int=1, clip: float|None=None,
+                 output=None, checkpoint: Callback|None=None, log: str|None='log.csv', cbs=None, after=(), sync_bn: bool=False,
+                 **kwargs) -> Learner:
+    """The one `Learner` builder of every task. The task brings its model, loss, optimiser, metrics and callbacks (`cbs`);
+the engine adds, in this order, non-finite recovery, mixed precision, gradient accumulation and clipping, the task's
+`checkpoint` callback and the run log (rank 0), then the task's `after` callbacks, and DDP sharding under torchrun."""
+    if precision not in ('fp32', 'bf16', 'fp16'): raise UserError(f"precision must be fp32, bf16 or fp16, got {precision!r}")
+    if not (isinstance(accum, int) and accum >= 1): raise ValueError(f"accum must be a positive integer, got {accum}")
+    rank, world = rank_distrib(), max(num_distrib(), 1)
+    if output is not None:
+        output = Path(output)
+        if rank == 0: output.mkdir(parents=True, exist_ok=True)
+    cbs = [*(cbs or []), *nonfinite_cbs(), *precision_cbs(precision)]
+    if accum > 1: cbs.append(GradientAccumulation(dls.train.bs * accum))
+    if clip: cbs.append(GradientClip(clip))
+    if output is not None and checkpoint is not None: cbs.append(checkpoint)
+    if output is not None and log and rank == 0: cbs.append(RunLog(log))
+    kwargs = {'path': output if output is not None else Path('.'), 'model_dir': '.', **kwargs}
+    learn = Learner(dls, model, loss_func=loss_func, opt_func=opt_func, lr=lr, cbs=[*cbs, *after], **kwargs)
+    if world > 1:
+        dev = getattr(dls, 'device', None)
+        cpu = torch.device(dev).type != 'cuda' if dev is not None else not torch.cuda.is_available()
+        learn.add_cb(ShardedTrainer(sync_bn=sync_bn and not cpu, cpu=cpu))
+        if rank: learn.remove_cb(ProgressCallback)
+    return learn

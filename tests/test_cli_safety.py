@@ -65,15 +65,17 @@ def test_no_prefix_matching(script, tmp_path):
            'fastconvmae_detect': ['train'], 'fastconvmae_segment': ['train', 'x']}.get(script, [])
     one_error_line(cli(script, *pos, '--hel', cwd=tmp_path, timeout=300), 'unrecognized arguments: --hel', 'did you mean --help?')
 
-def test_finetune_output_is_not_output_dir(tmp_path):
-    one_error_line(cli('fastconvmae_finetune', 'data', '--output', 'o', cwd=tmp_path, timeout=300),
-                   'unrecognized arguments: --output o', 'did you mean --output_dir?')
+def test_finetune_output_dir_is_output(tmp_path):
+    "`--output` is the run folder of every command; fine-tuning's old `--output_dir` still means the same, and neither is a prefix of the other."
+    one_error_line(cli('fastconvmae_finetune', 'data', '--output', 'o', cwd=tmp_path, timeout=300), 'dataset folder not found')
+    one_error_line(cli('fastconvmae_finetune', 'data', '--output_dir', 'o', cwd=tmp_path, timeout=300), 'dataset folder not found')
+    one_error_line(cli('fastconvmae_finetune', 'data', '--output_d', 'o', cwd=tmp_path, timeout=300), 'unrecognized arguments: --output_d', 'did you mean --output?')
     assert not (tmp_path / 'o').exists()
 
 @pytest.mark.parametrize('args,needles', [
     (['train', '--data', 'nowhere', '--checkpoint', 'w.pth'], ['--checkpoint does not apply to `fastconvmae_detect train`', '--pretrained']),
     (['evaluate', '--data', 'nowhere', '--pretrained', 'w.pth'], ['--pretrained does not apply', '--checkpoint']),
-    (['predict', '--checkpoint', 'w.pth', '--data', 'nowhere'], ['--data does not apply', '--images']),
+    (['predict', '--checkpoint', 'w.pth', '--data', 'nowhere'], ['--data does not apply', 'IMAGES']),
     (['evaluate', '--checkpoint', 'w.pth', '--data', 'nowhere', '--epochs', '3'], ['--epochs does not apply', 'train']),
 ])
 def test_detect_refuses_options_of_other_modes(args, needles, tmp_path):

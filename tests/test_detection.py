@@ -156,7 +156,7 @@ def test_cli_user_errors(syn, tmp_path, args, msg):
     (dict(mode='train', data='{syn}', img_size=100), 'multiple of 16'),
     (dict(mode='train', data='{syn}', epochs=0), '--epochs must be'),
     (dict(mode='train', data='{syn}', preset='huge'), 'unknown preset'),
-    (dict(mode='evaluate', data='{syn}'), 'needs --checkpoint'),
+    (dict(mode='evaluate', data='{syn}'), 'needs DATA and --checkpoint'),
     (dict(mode='dance'), 'unknown mode'),
 ])
 def test_user_errors_in_process(syn, tmp_path, kw, msg):

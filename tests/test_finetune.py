@@ -243,7 +243,7 @@ def test_presets_official_recipe():
 def test_cli_help():
     for mod in ['fastconvmae.finetune', 'fastconvmae.linprobe']:
         out = subprocess.run([sys.executable, '-m', mod, '--help'], capture_output=True, text=True, timeout=300)
-        assert out.returncode == 0 and '--checkpoint' in out.stdout, out.stderr[-500:]
+        assert out.returncode == 0 and '--pretrained' in out.stdout and 'DATA' in out.stdout, out.stderr[-500:]
 
 
 # ---------------------------------------------------------------- linear probe

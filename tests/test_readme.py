@@ -69,11 +69,13 @@ def test_readme_commands_parse():
     "Every command line of the README is accepted by its subcommand's own parser (no unknown, misspelt or foreign option)"
     import importlib
     from fastconvmae.command import SUBCOMMANDS
-    from fastconvmae.cli import exact_parser
+    from fastconvmae.cli import parse_command
+    import contextlib, io
     for task, _, line, rest in readme_commands((ROOT / 'README.md').read_text()):
         name = task.split()[0]
         mod, fn, _ = SUBCOMMANDS[name]
         f = getattr(importlib.import_module(mod), fn)
-        p = exact_parser(getattr(f, '__wrapped__', f), prog=f'fastconvmae {name}')
-        p.error = lambda msg, line=line: (_ for _ in ()).throw(AssertionError(f"{line}\n  {msg}"))
-        p.parse_args([task.split()[1]] + rest if ' ' in task else rest)
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            try: parse_command(getattr(f, '__wrapped__', f), [task.split()[1]] + rest if ' ' in task else rest, f'fastconvmae {name}')
+            except SystemExit as e: raise AssertionError(f"{line}\n  exit {e.code}: {err.getvalue().strip()}") from None
