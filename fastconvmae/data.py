@@ -21,8 +21,8 @@ import matplotlib.pyplot as plt
 from .cli import UserError
 
 # %% auto #0
-__all__ = ['UNREADABLE', 'to_rgb', 'BadImageError', 'BadImageWarning', 'load_rgb', 'find_images', 'image_files',
-           'ImageFolderDataset', 'pretrain_transform', 'eval_transform', 'denormalize', 'show_images', 'PretrainDL',
+__all__ = ['UNREADABLE', 'PretrainDL', 'to_rgb', 'BadImageError', 'BadImageWarning', 'load_rgb', 'find_images', 'image_files',
+           'ImageFolderDataset', 'pretrain_transform', 'eval_transform', 'denormalize', 'show_images', 'ShardedDL',
            'pretrain_dls', 'BadImageReport', 'posterize_any_bits', 'finetune_transform', 'finetune_eval_transform',
            'ClassifierDL', 'classifier_dls']
 
@@ -225,7 +225,7 @@ def show_images(x:torch.Tensor, ncols:int=8, size:float=1.6, titles=None, denorm
     return fig
 
 # %% ../nbs/04_data.ipynb #5149b2c0
-class PretrainDL(DataLoader):
+class ShardedDL(DataLoader):
     "fastai `DataLoader` shuffled by `seed + epoch` and sharded by `rank` among `world_size` processes"
     def __init__(self, dataset, seed:int=0, rank:int=0, world_size:int=1, **kwargs):
         assert 0 <= rank < world_size, f"rank {rank} not in [0, {world_size})"
@@ -254,6 +254,9 @@ class PretrainDL(DataLoader):
         finally: self.device = dev
     def new(self, dataset=None, cls=None, **kwargs):
         return super().new(dataset, cls, **{'seed': self.seed, 'rank': self.rank, 'world_size': self.world_size, **kwargs})
+
+PretrainDL = ShardedDL  # its name before the training engine had its own chapter (every task's loader builds on it)
+
 
 # %% ../nbs/04_data.ipynb #fc3f928f
 def _readable_picks(ds:ImageFolderDataset, n:int) -> list[int]:
@@ -289,10 +292,10 @@ def pretrain_dls(path, img_size=224, bs:int=64, num_workers:int|None=None, valid
     device = default_device() if device is None else torch.device(device)
     nw = defaults.cpus if num_workers is None else num_workers
     pin = device.type == 'cuda' if pin_memory is None else pin_memory
-    train = PretrainDL(train_ds, seed=seed, rank=rank, world_size=world_size, bs=bs, shuffle=True, drop_last=drop_last,
+    train = ShardedDL(train_ds, seed=seed, rank=rank, world_size=world_size, bs=bs, shuffle=True, drop_last=drop_last,
                        num_workers=nw, pin_memory=pin, device=device)
     small = isinstance(valid, int) and len(valid_ds) <= 2*bs   # a few fixed images: load them in the main process
-    valid_dl = PretrainDL(valid_ds, rank=rank, world_size=world_size, bs=min(bs, len(valid_ds)), shuffle=False,
+    valid_dl = ShardedDL(valid_ds, rank=rank, world_size=world_size, bs=min(bs, len(valid_ds)), shuffle=False,
                           drop_last=False, num_workers=0 if small else nw, pin_memory=pin, device=device)
     return DataLoaders(train, valid_dl, path=path, device=device)
 
@@ -345,8 +348,8 @@ def finetune_eval_transform(img_size=224, crop_pct: float|None=None, mean=IMAGEN
     return eval_transform(img_size, crop_pct, mean, std)
 
 # %% ../nbs/04_data.ipynb #b8dbab49
-class ClassifierDL(PretrainDL):
-    "`PretrainDL` for labelled data; `vocab` is the dataset's class names"
+class ClassifierDL(ShardedDL):
+    "`ShardedDL` for labelled data; `vocab` is the dataset's class names"
     @property
     def vocab(self): return CategoryMap(self.dataset.classes, sort=False)
     @property

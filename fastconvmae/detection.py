@@ -35,7 +35,7 @@ from torchvision.models.detection.rpn import RPNHead
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads
 from .backbone import ConvViTBackbone, convvit_det, load_backbone
-from .data import load_rgb, BadImageError, BadImageWarning, PretrainDL, image_files
+from .data import load_rgb, BadImageError, BadImageWarning, ShardedDL, image_files
 from .cli import UserError, check_args, check_output, prepare_output, run_cli, check_mode_options, call_parse_exact, cli_spec, model_size
 from .checkpoint import load_checkpoint, atomic_save
 from .training import (AnyDeviceMixedPrecision, nonfinite_cbs, PretrainCheckpoint, RunLog, ShardedTrainer, adamw, extra_loggers, task_learner,
@@ -300,8 +300,8 @@ def collate_detection(samples: list) -> tuple:
     imgs, tgts = zip(*samples)
     return torch.stack(imgs), torch.stack([t['image_id'] for t in tgts]), [{k: v.as_subclass(Tensor) for k, v in t.items()} for t in tgts]
 
-class DetectionDL(PretrainDL):
-    "`PretrainDL` (seeded, sharded) yielding `(images, image_ids, targets)` batches."
+class DetectionDL(ShardedDL):
+    "`ShardedDL` (seeded, sharded) yielding `(images, image_ids, targets)` batches."
     n_inp = 1
     def create_batch(self, b): return collate_detection(b)
     def retain(self, res, b): return res

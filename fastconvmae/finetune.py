@@ -28,7 +28,7 @@ from timm.data import create_transform, Mixup, IMAGENET_DEFAULT_MEAN, IMAGENET_D
 from timm.layers import trunc_normal_
 from .encoder import ConvViT
 from .models import create_model, classifier_archs
-from .data import (ImageFolderDataset, PretrainDL, UNREADABLE, eval_transform, pretrain_transform, show_images,
+from .data import (ImageFolderDataset, ShardedDL, UNREADABLE, eval_transform, pretrain_transform, show_images,
                               finetune_transform, finetune_eval_transform, classifier_dls, posterize_any_bits, ClassifierDL)
 from fastai.distributed import rank_distrib, num_distrib
 from fastai.callback.progress import CSVLogger, ProgressCallback

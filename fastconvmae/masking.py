@@ -75,7 +75,7 @@ def random_masking(B: int, L: int, # batch size, tokens per image
     if not 0 < mask_ratio < 1: raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}")
     if noise is None: noise = torch.rand(B, L, device=device, generator=generator)
     elif noise.shape != (B, L): raise ValueError(f"noise must have shape {(B, L)}, got {tuple(noise.shape)}")
-    n_keep = int(L * (1 - mask_ratio))
+    n_keep = int(L * (1 - mask_ratio) + 1e-6)  # MAE's truncation, safe from float error (1 - 0.8 = 0.19999999999999996)
     if n_keep < 1: raise ValueError(f"mask_ratio={mask_ratio} leaves no visible token out of {L}")
     if views > 1 and n_keep * views != L:
         raise ValueError(f"{L} tokens cannot be cut into {views} complementary views of {n_keep}; "

@@ -21,7 +21,7 @@ from fastai.callback.training import GradientAccumulation, GradientClip
 from fastai.callback.progress import ProgressCallback
 from fastai.distributed import rank_distrib, num_distrib
 from .models import MODELS, create_model, reconstruct, show_views, MaskedAutoencoderConvViT
-from .data import pretrain_dls, BadImageReport, PretrainDL
+from .data import pretrain_dls, BadImageReport, ShardedDL
 # the engine (Part II); its names stay importable from here as before
 from .cli import *
 from .checkpoint import *

@@ -27,7 +27,7 @@ from fastai.callback.progress import CSVLogger, ProgressCallback
 from fastai.distributed import rank_distrib, num_distrib
 from fastai.torch_core import default_device, defaults
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from .data import ImageFolderDataset, BadImageError, BadImageWarning, BadImageReport, PretrainDL, load_rgb, denormalize, image_files
+from .data import ImageFolderDataset, BadImageError, BadImageWarning, BadImageReport, ShardedDL, load_rgb, denormalize, image_files
 from .cli import (UserError, check_args, check_output, prepare_output, run_cli, worker_message, check_mode_options,
                              call_parse_exact, cli_spec, model_size)
 from .checkpoint import atomic_save, load_checkpoint
@@ -256,7 +256,7 @@ def overlay(img, lbl, num_classes: int, alpha: float=0.5, ignore_index: int=255)
     return (img * (1 - a) + col * a).round().astype(np.uint8)
 
 # %% ../nbs/11_segmentation.ipynb #d1cf7147
-class IterDL(PretrainDL):
+class IterDL(ShardedDL):
     "Training loader of `n_iter` batches per epoch, drawn from successive seeded shuffles of the dataset, sharded by rank"
     def __init__(self, dataset, n_iter: int, **kwargs):
         super().__init__(dataset, **kwargs)
@@ -282,7 +282,7 @@ def pad_collate(items) -> tuple[Tensor, Tensor, Tensor]:
         x[k, :, :a.shape[-2], :a.shape[-1]], y[k, :b.shape[-2], :b.shape[-1]] = a, b
     return x, sizes, y
 
-class ValidDL(PretrainDL):
+class ValidDL(ShardedDL):
     "Evaluation loader: every image once, in order, the images split among processes without padding; batches of any sizes (`pad_collate`)"
     def get_idxs(self) -> list[int]: return list(range(len(self.dataset)))[self.rank::self.world_size]
     def __len__(self): return math.ceil(len(range(len(self.dataset))[self.rank::self.world_size]) / self.bs)
@@ -713,7 +713,7 @@ def save_segmenter(learn: Learner, path, classes=None) -> Path:
 def load_segmenter(path, device='cpu', **test_cfg) -> tuple[UperNet, dict]:
     "A trained segmenter and its saved record from `save_segmenter`'s file; `test_cfg` overrides the inference settings"
     ck = load_checkpoint(path)
-    if not {'model', 'recipe', 'num_classes'} <= set(ck): raise ValueError(f"{path} is not a segmenter saved by fastconvmae_segment train")
+    if not {'model', 'recipe', 'num_classes'} <= set(ck): raise ValueError(f"{path} is not a segmenter saved by fastconvmae segment train")
     r = SegRecipe(**{k: tuple(v) if isinstance(v, list) else v for k, v in ck['recipe'].items()})
     model = create_segmentor(replace(r, drop_path=0.), ck['num_classes'])
     model.load_state_dict(ck['model'])

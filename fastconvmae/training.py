@@ -26,15 +26,15 @@ from fastai.torch_core import default_device
 from timm.optim import param_groups_weight_decay
 from .cli import UserError
 from .checkpoint import atomic_save, load_checkpoint
-from .data import PretrainDL
+from .data import ShardedDL
 
 # %% auto #0
 __all__ = ['pretrain_param_groups', 'adamw', 'lr_schedule', 'AnyDeviceMixedPrecision', 'NonFiniteLossError', 'NonFiniteGuard',
-           'SkippedStepsColumn', 'nonfinite_cbs', 'StopOnNonFinite', 'unwrap', 'rng_states', 'set_rng_states',
-           'isolated_rng', 'all_rng_states', 'PretrainCheckpoint', 'SkipEpochs', 'RestoreState', 'RunLog',
-           'load_model_state', 'check_resume', 'read_resume', 'fit_resumable', 'keep_published_batch', 'ShardedTrainer',
-           'launch_setup', 'seed_rank', 'EpochLines', 'console_progress', 'show_progress', 'extra_loggers',
-           'convvit_layer_id', 'LayerGroups', 'layer_decay_groups', 'precision_cbs', 'task_learner']
+           'SkippedStepsColumn', 'nonfinite_settings', 'nonfinite_cbs', 'StopOnNonFinite', 'unwrap', 'rng_states',
+           'set_rng_states', 'isolated_rng', 'all_rng_states', 'PretrainCheckpoint', 'SkipEpochs', 'RestoreState',
+           'RunLog', 'load_model_state', 'check_resume', 'read_resume', 'fit_resumable', 'keep_published_batch',
+           'ShardedTrainer', 'launch_setup', 'seed_rank', 'EpochLines', 'console_progress', 'show_progress',
+           'extra_loggers', 'convvit_layer_id', 'LayerGroups', 'layer_decay_groups', 'precision_cbs', 'task_learner']
 
 # %% ../nbs/22_training.ipynb #6fc3dbb8
 def pretrain_param_groups(model: nn.Module, weight_decay: float=0.05) -> list[dict]:
@@ -114,7 +114,7 @@ class NonFiniteGuard(Callback):
     def _roll_back(self, what: str):
         self.streak = 0; self.rollbacks += 1
         if self.rollbacks > self.max_rollbacks or self.snapshot is None:
-            self.learn.nonfinite = (f"{what}, {self.patience} steps in a row, after {self.rollbacks - 1} roll-backs: training stopped "
+            self.learn.nonfinite = (f"{what}, {self.patience} steps in a row, after {self.rollbacks - 1} roll-back{'' if self.rollbacks == 2 else 's'}: training stopped "
                                     f"(lower the lr, add gradient clipping, or use bf16)")
             raise CancelFitException()
         unwrap(self.model).load_state_dict(self.snapshot[0])
@@ -147,9 +147,20 @@ class SkippedStepsColumn(Callback):
         if 'skipped_steps' not in names:
             names.insert(len(names) - (names[-1] == 'time'), 'skipped_steps'); self.recorder.metric_names = L(names)
 
+def nonfinite_settings(spec: str|None=None) -> dict:
+    "The recovery settings a user gives every command through `FASTCONVMAE_NONFINITE`, e.g. `patience=2,max_rollbacks=5,fp16_to_bf16=1`"
+    spec = os.environ.get('FASTCONVMAE_NONFINITE', '') if spec is None else spec
+    out = {}
+    for item in filter(None, spec.replace(' ', '').split(',')):
+        k, _, v = item.partition('=')
+        if k not in ('patience', 'max_rollbacks', 'fp16_to_bf16') or not v.isdigit() or (k == 'patience' and int(v) < 1):
+            raise UserError(f"FASTCONVMAE_NONFINITE: {item!r} is not patience=N (N >= 1), max_rollbacks=N or fp16_to_bf16=0|1")
+        out[k] = bool(int(v)) if k == 'fp16_to_bf16' else int(v)
+    return out
+
 def nonfinite_cbs(**kwargs) -> list:
-    "What every task's `Learner` gets: `NonFiniteGuard(**kwargs)` and its log column"
-    return [NonFiniteGuard(**kwargs), SkippedStepsColumn()]
+    "What every task's `Learner` gets: `NonFiniteGuard` (with `FASTCONVMAE_NONFINITE`'s settings, then `kwargs`) and its log column"
+    return [NonFiniteGuard(**{**nonfinite_settings(), **kwargs}), SkippedStepsColumn()]
 
 class StopOnNonFinite(NonFiniteGuard):
     "`NonFiniteGuard` that stops at the first non-finite loss or gradient (no skipping, no roll-back)"
@@ -310,7 +321,7 @@ def fit_resumable(learn: Learner, epochs: int, cbs=None, resume=None, check=None
         if learn.opt is None: learn.create_opt()
         learn.opt.load_state_dict(ck['optimizer'])
         learn.resume_epoch = ck['epoch'] + 1
-        if isinstance(learn.dls.train, PretrainDL): learn.dls.train.set_epoch(learn.resume_epoch)
+        if isinstance(learn.dls.train, ShardedDL): learn.dls.train.set_epoch(learn.resume_epoch)
         cbs += [RestoreState(ck), SkipEpochs(learn.resume_epoch)]
     learn.fit(epochs, cbs=cbs)
     if getattr(learn, 'nonfinite', None):
@@ -330,9 +341,9 @@ def keep_published_batch(r, world: int, user_set_batch: bool) -> tuple:
 
 # %% ../nbs/22_training.ipynb #ebf85253
 class ShardedTrainer(DistributedTrainer):
-    "fastai's `DistributedTrainer`, letting `PretrainDL`s shard themselves instead of wrapping them in `DistributedDL`."
+    "fastai's `DistributedTrainer`, letting `ShardedDL`s shard themselves instead of wrapping them in `DistributedDL`."
     def _wrap_dl(self, dl):
-        if isinstance(dl, PretrainDL):
+        if isinstance(dl, ShardedDL):
             dl.rank, dl.world_size = rank_distrib(), num_distrib()
             dl.n = math.ceil(len(dl.dataset) / dl.world_size)
             return dl

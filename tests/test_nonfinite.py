@@ -13,10 +13,11 @@ FASTCONVMAE = str(Path(sys.executable).parent / 'fastconvmae')
 PRE = ['pretrain', '--data', str(REPO / 'data'), '--img_size', '64', '--bs', '2', '--workers', '0', '--precision', 'fp32',
        '--blr', '5e-3', '--epochs', '2', '--warmup_epochs', '0']
 
-def run(*args, inject=None, cwd=REPO):
+def run(*args, inject=None, cwd=REPO, settings=None):
     env = {**os.environ, 'OMP_NUM_THREADS': '1', 'HF_HUB_OFFLINE': '1', 'CUDA_VISIBLE_DEVICES': ''}
-    env.pop('FASTCONVMAE_INJECT_NONFINITE', None)
+    env.pop('FASTCONVMAE_INJECT_NONFINITE', None); env.pop('FASTCONVMAE_NONFINITE', None)
     if inject is not None: env['FASTCONVMAE_INJECT_NONFINITE'] = inject
+    if settings is not None: env['FASTCONVMAE_NONFINITE'] = settings
     return subprocess.run([FASTCONVMAE, *map(str, args)], capture_output=True, text=True, env=env, cwd=cwd, timeout=600)
 
 def weights(p): return torch.load(p, map_location='cpu', weights_only=True)['model']
@@ -50,6 +51,17 @@ def test_pretrain_rolls_back_then_stops_when_the_fault_stays(tmp_path):
     assert r.returncode == 1, r.stderr[-2000:]
     err = [l for l in r.stderr.splitlines() if l.startswith('error:')]
     assert len(err) == 1 and 'after 3 roll-backs: training stopped' in err[0] and 'Traceback' not in r.stderr
+
+def test_the_number_of_roll_backs_is_the_users(tmp_path):
+    "`FASTCONVMAE_NONFINITE=max_rollbacks=1`: a fault that stays stops the run after one roll-back (three by default); a bad setting is one line."
+    r = run(*PRE, '--output', tmp_path / 's', '--epochs', '20', inject=','.join(map(str, range(1, 200))), settings='max_rollbacks=1')
+    assert r.returncode == 1, r.stderr[-2000:]
+    err = [l for l in r.stderr.splitlines() if l.startswith('error:')]
+    assert len(err) == 1 and 'after 1 roll-back: training stopped' in err[0], r.stderr[-2000:]
+    assert r.stderr.count('rolled back to the start of epoch') == 1
+    r = run(*PRE, '--output', tmp_path / 't', settings='rollbacks=2')
+    err = [l for l in r.stderr.splitlines() if l.startswith('error:')]
+    assert r.returncode == 2 and len(err) == 1 and err[0].startswith('error: FASTCONVMAE_NONFINITE:'), r.stderr[-2000:]
 
 def test_finetune_skips_an_injected_nan(tmp_path):
     make_toy(tmp_path / 'data')

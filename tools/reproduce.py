@@ -25,7 +25,7 @@ ARCH = dict(fast='fastconvmae_convvit_tiny_patch16', convmae='convmae_convvit_ti
 
 
 def pretrain(arm: str, seed: int, epochs: int = EPOCHS, extra=()):
-    return [BIN / 'fastconvmae_pretrain', '--data', DATA, '--preset', 'cpu', '--arch', ARCH[arm], '--img_size', IMG,
+    return [BIN / 'fastconvmae', 'pretrain', DATA, '--preset', 'cpu', '--model', ARCH[arm], '--img_size', IMG,
             '--epochs', epochs, '--seed', seed, '--knn_every', 1, '--output', RUNS / f'{arm}_s{seed}', *extra]
 
 
@@ -34,20 +34,20 @@ def ckpt(name: str): return RUNS / name / 'checkpoint-latest.pth'
 
 def finetune(name: str, seed: int):
     "The `cpu` fine-tuning recipe (5 epochs, RandAugment, Mixup/CutMix, layer decay) at the pretraining resolution."
-    src = [] if name.startswith('scratch') else ['--checkpoint', ckpt(name)]
-    return [BIN / 'fastconvmae_finetune', DATA, '--preset', 'cpu', '--img_size', IMG, '--seed', seed, *src,
-            '--output_dir', RUNS / name / 'finetune']
+    src = [] if name.startswith('scratch') else ['--pretrained', ckpt(name)]
+    return [BIN / 'fastconvmae', 'finetune', DATA, '--preset', 'cpu', '--img_size', IMG, '--seed', seed, *src,
+            '--output', RUNS / name / 'finetune']
 
 
 def linprobe(name: str, seed: int):
     "The quick linear probe: frozen pooled features, an L2-regularised logistic regression."
-    src = [] if name.startswith('scratch') else ['--checkpoint', ckpt(name)]
-    return [BIN / 'fastconvmae_linprobe', DATA, '--quick', '--model', 'convvit_tiny_patch16', '--img_size', IMG, '--seed', seed, *src]
+    src = [] if name.startswith('scratch') else ['--pretrained', ckpt(name)]
+    return [BIN / 'fastconvmae', 'linprobe', DATA, '--quick', '--model', 'convvit_tiny_patch16', '--img_size', IMG, '--seed', seed, *src]
 
 
 def knn():
     "k-NN of a randomly initialised encoder (the pretrained runs log theirs every epoch)."
-    return [BIN / 'fastconvmae_knn', DATA, '--model', 'convvit_tiny_patch16', '--img_size', IMG]
+    return [BIN / 'fastconvmae', 'knn', DATA, '--model', 'convvit_tiny_patch16', '--img_size', IMG]
 
 
 def steps():
