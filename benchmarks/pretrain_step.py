@@ -22,11 +22,10 @@ from functools import partial
 from pathlib import Path
 import torch
 import torch.nn as nn
-from torch.utils.flop_counter import FlopCounterMode
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from fastconvmae.models import MaskedAutoencoderConvViT  # noqa: E402
+from fastconvmae.models import MaskedAutoencoderConvViT, flop_counter  # noqa: E402  (the package's FLOP counter, fixed for depthwise convs and CPU attention)
 
 #: model configurations: this package's constructor arguments (the official class takes the same ones)
 CONFIGS = dict(
@@ -37,25 +36,6 @@ CONFIGS = dict(
     preset=dict(img_size=96, embed_dim=(64, 96, 192), depth=(1, 1, 6), num_heads=3, decoder_embed_dim=128, decoder_depth=2,
                 decoder_num_heads=4),  # fastconvmae_convvit_tiny_patch16 at 96 px: the `cpu` pretraining preset
 )
-
-
-def flop_counter():
-    """`FlopCounterMode` with two fixes: the backward of a grouped (depthwise) convolution counted per group (torch's
-    formula ignores groups for the weight gradient, and counts a 5x5 depthwise convolution as a dense one), and the CPU
-    flash attention counted like the CUDA kernels (torch registers no formula for it)."""
-    from torch.utils import flop_counter as tfc
-    aten = torch.ops.aten
-    def conv_backward(grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation, transposed, _out_pad, _groups,
-                      output_mask, out_shape=None, **kwargs):
-        fwd = tfc.conv_flop_count(x_shape, w_shape, grad_out_shape, transposed)  # w is [O, C / groups, k, k]: right per group
-        return fwd * (int(output_mask[0]) + int(output_mask[1]))  # grad input and grad weight cost a forward each
-    mapping = {aten.convolution_backward: conv_backward}
-    if hasattr(aten, '_scaled_dot_product_flash_attention_for_cpu'):
-        mapping[aten._scaled_dot_product_flash_attention_for_cpu] = \
-            lambda q, k, v, *args, out_shape=None, **kwargs: tfc.sdpa_flop_count(q, k, v)
-        mapping[aten._scaled_dot_product_flash_attention_for_cpu_backward] = \
-            lambda g, q, k, v, *args, out_shape=None, **kwargs: tfc.sdpa_backward_flop_count(g, q, k, v)
-    return FlopCounterMode(display=False, custom_mapping=mapping)
 
 
 def sync(device):

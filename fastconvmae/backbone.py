@@ -110,7 +110,7 @@ class ConvViTBackbone(ConvViTTrunk):
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
-        "`pos_embed` and every relative-position table (official detection and segmentation recipes)."
+        "`pos_embed` and every relative-position table: the detection recipe's exemptions (segmentation decays them, as the official constructor)."
         return {'pos_embed'} | {n for n, _ in self.named_parameters() if n.endswith('relative_position_bias_table')}
 
     def set_grad_checkpointing(self, enable: bool=True): self.grad_checkpointing = enable

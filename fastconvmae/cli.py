@@ -66,23 +66,24 @@ def clean_stale_tmp(folder) -> list[Path]:
 
 _RUNNING = {}  # the output folder of the command being run, for the Ctrl-C message
 
-def check_output(output, resume=None, overwrite: bool=False, products=()) -> Path:
-    "Check, touching nothing, that `output` may receive this run: a folder holding another run's files (or any of `products`) is refused unless resuming it or `overwrite`."
+def check_output(output, resume=None, overwrite: bool=False, products=(), resumable: bool=True) -> Path:
+    "Check, touching nothing, that `output` may receive this run: a folder holding another run's files (or any of `products`) is refused unless resuming it or `overwrite` (`resumable=False`: a command without `--resume`)."
     out = Path(output).expanduser().absolute()
     if out.exists() and not out.is_dir(): raise UserError(f"output {out} exists and is not a folder")
     old = run_files(out, products)
     res = Path(resume).expanduser().absolute() if resume else None
     if old and not overwrite:
         if res is None:
-            raise UserError(f"{out} already holds a run ({', '.join(p.name for p in old)}): continue it with "
-                            f"--resume {out / 'checkpoint-latest.pth'}, replace it with --overwrite, or choose another output folder")
+            cont = f"continue it with --resume {out / 'checkpoint-latest.pth'}, " if resumable else ''
+            raise UserError(f"{out} already holds a run ({', '.join(p.name for p in old)}): {cont}replace it with --overwrite, "
+                            f"or choose another output folder")
         if res.parent != out:
             raise UserError(f"{out} holds another run than {res}: resume into the checkpoint's folder, or pass --overwrite")
     return out
 
-def prepare_output(output, resume=None, overwrite: bool=False, products=('reconstructions',)) -> Path:
+def prepare_output(output, resume=None, overwrite: bool=False, products=('reconstructions',), resumable: bool=True) -> Path:
     "The output folder (relative to the working directory), once every input has been checked: `check_output`, then create it; with `overwrite`, delete the earlier run's files; clean stale temporary files."
-    out = check_output(output, resume, overwrite, products)
+    out = check_output(output, resume, overwrite, products, resumable)
     if not _rank():
         out.mkdir(parents=True, exist_ok=True)
         res = Path(resume).expanduser().absolute() if resume else None

@@ -80,7 +80,7 @@ def run_demo(data=None, # image folder (default: ../shared/data/imagenette-128 i
     shared = Path('../shared/data/imagenette-128')
     data = Path(data).expanduser() if data else (shared if shared.exists() else photos)
     if not data.is_dir(): raise UserError(f"dataset folder not found: {data}")
-    out = check_output(demo_output(output), overwrite=overwrite, products=DEMO_FILES)  # touches nothing yet
+    out = check_output(demo_output(output), overwrite=overwrite, products=DEMO_FILES, resumable=False)  # touches nothing yet
     torch.manual_seed(seed); random.seed(seed); np.random.seed(seed)
     big = len(list(data.rglob('*.*'))) > 100
     r = replace(PRESETS['cpu'], img_size=96, epochs=epochs or 5, warmup_epochs=0.5) if big else \
@@ -91,7 +91,7 @@ def run_demo(data=None, # image folder (default: ../shared/data/imagenette-128 i
     # 2. pretraining
     dls = pretrain_dls(data, img_size=r.img_size, bs=r.bs, num_workers=1 if big else 0, seed=seed,
                        n_train=n_train if big else None, valid=4)
-    out = prepare_output(out, overwrite=overwrite, products=DEMO_FILES)  # every input checked: now the folder
+    out = prepare_output(out, overwrite=overwrite, products=DEMO_FILES, resumable=False)  # every input checked: now the folder
     log(f"pretraining {r.arch} on raw pixels at {r.img_size} px, {len(dls.train.dataset)} images of {data.name}, "
         f"{r.epochs} epochs ({r.precision}, CPU)")
     learn = console_progress(pretrain_learner(dls, r, model=model.train(), output=out))

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 from fastcore.script import Param, store_true
-from . import maskconv
+from .kernels import dw_kernel, pytorch_ops
 from .encoder import ConvViT
 from .models import MaskedAutoencoderConvViT, create_model, read_weights
 from .cli import UserError, check_args, run_cli, call_parse_exact
@@ -20,8 +20,7 @@ from .predict import load_classifier, one_line_warnings
 
 # %% auto #0
 __all__ = ['CFG_KEYS', 'FORMATS', 'load_trained', 'export_cfg', 'export_metadata', 'save_safetensors', 'timm_kwargs',
-           'EncoderTokens', 'pytorch_ops', 'need_onnx', 'onnx_net', 'save_onnx', 'onnx_max_diff', 'export_names',
-           'export', 'main']
+           'EncoderTokens', 'need_onnx', 'onnx_net', 'save_onnx', 'onnx_max_diff', 'export_names', 'export', 'main']
 
 # %% ../nbs/15_export.ipynb #06da500e
 def _pretraining_model(ck: dict, path, img_size: int|None=None) -> MaskedAutoencoderConvViT:
@@ -119,14 +118,6 @@ class EncoderTokens(nn.Module):
         x, _, _ = self.mae.forward_stages(image)                # no mask: every position of every stage
         for blk in self.mae.blocks3: x = blk(x)
         return x
-
-@contextlib.contextmanager
-def pytorch_ops():
-    "The PyTorch versions of the masked depthwise convolution and the bf16 LayerNorm instead of the compiled C++ kernels, which an exporter cannot see"
-    saved = dict(maskconv._BUILT)
-    maskconv._BUILT.update(fastconvmae_dwconv=None, fastconvmae_layernorm=None)
-    try: yield
-    finally: maskconv._BUILT.clear(); maskconv._BUILT.update(saved)
 
 def need_onnx():
     "Import onnx and onnxruntime, or a one-line `UserError` saying how to install them"

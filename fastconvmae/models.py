@@ -16,18 +16,19 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import register_model, build_model_with_cfg, generate_default_cfgs
 from timm.models.vision_transformer import Block
 from .masking import patchify, unpatchify, random_masking, num_views, upsample_mask, Masking
-from .maskconv import cpp_extension, block_norm, ln_kernel
+from .kernels import cpp_extension, block_norm, ln_kernel, pytorch_ops, _MaskedPatchMSE
 from .encoder import (ConvViTTrunk, ConvViT, Attention, sincos_2d, to_hw, conv_nhwc, CONVVIT_ARCHS,
                                  convvit_base_patch16, convvit_small_patch16, convvit_tiny_patch16)
 
 # %% auto #0
 __all__ = ['DECODER_ARCHS', 'TEACHING_TAG', 'TEACHING_WEIGHTS', 'default_cfgs', 'convmae_convvit_base_patch16_dec512d8b',
            'fastconvmae_convvit_base_patch16_dec512d8b', 'MODELS', 'RECONSTRUCTION_SPACES', 'MaskedAutoencoderConvViT',
-           'normalise_patches', 'mse_kernel', 'masked_mse', 'weights_dir', 'convmae_convvit_base_patch16',
+           'normalise_patches', 'masked_mse', 'weights_dir', 'convmae_convvit_base_patch16',
            'fastconvmae_convvit_base_patch16', 'convmae_convvit_small_patch16', 'fastconvmae_convvit_small_patch16',
            'convmae_convvit_tiny_patch16', 'fastconvmae_convvit_tiny_patch16', 'create_model', 'classifier_archs',
            'model_from_fixture_config', 'rel_err', 'reconstruct', 'show_views', 'read_weights', 'load_weights',
-           'count_flops', 'ConvViT', 'convvit_base_patch16', 'convvit_small_patch16', 'convvit_tiny_patch16']
+           'flop_counter', 'count_flops', 'ConvViT', 'convvit_base_patch16', 'convvit_small_patch16',
+           'convvit_tiny_patch16']
 
 # %% ../nbs/03_models.ipynb #40a8dbf4
 class MaskedAutoencoderConvViT(ConvViTTrunk):
@@ -142,32 +143,6 @@ def target(self: MaskedAutoencoderConvViT, imgs: Tensor) -> Tensor:
     t = patchify(imgs, self.stride)
     return normalise_patches(t) if self.norm_pix_loss else t
 
-def mse_kernel():
-    "The compiled masked-MSE kernel (C++ source in the appendix), or None (no compiler, or FASTCONVMAE_NO_KERNEL=1)."
-    return cpp_extension('fastconvmae_mse', _MSE_SRC)
-
-class _MaskedPatchMSE(torch.autograd.Function):
-    "`sum(w * mean_P((pred - t)^2))`, on CPU by a one-pass C++ kernel that skips the rows of weight 0 (visible patches)."
-    @staticmethod
-    def forward(ctx, pred, t, w):   # pred [K, B, L, P] (bf16 or fp32), t [B, L, P] fp32, w [K, B, L] weight of each patch
-        ctx.ext = mse_kernel() if pred.device.type == 'cpu' and pred.dtype in (torch.float32, torch.bfloat16) else None
-        if ctx.ext is not None:
-            pred, w = pred.contiguous(), w.contiguous()
-            ctx.save_for_backward(pred, t, w)
-            return ctx.ext.masked_mse_forward(pred, t, w)
-        diff = torch.sub(pred, t)   # [K, B, L, P] fp32 (type promotion); the views share the target
-        ctx.save_for_backward(diff, w); ctx.pred_dtype = pred.dtype
-        return (torch.linalg.vector_norm(diff, dim=-1).square() * w).sum() / diff.shape[-1]
-
-    @staticmethod
-    def backward(ctx, g):
-        if ctx.ext is not None:
-            pred, t, w = ctx.saved_tensors
-            return ctx.ext.masked_mse_backward(pred, t, w, float(g)), None, None
-        diff, w = ctx.saved_tensors
-        scale = (g * 2 / diff.shape[-1] * w).unsqueeze(-1)  # d loss / d pred = 2 w (pred - t) / P
-        return torch.mul(diff, scale, out=torch.empty(diff.shape, dtype=ctx.pred_dtype, device=diff.device)), None, None
-
 def masked_mse(pred: Tensor, target: Tensor, mask: Tensor) -> Tensor:
     "MSE per token averaged over the masked tokens of every view: pred [K B, L, D], target [B, L, D] shared by the K views, mask [K B, L]."
     K = pred.shape[0] // target.shape[0]
@@ -178,79 +153,6 @@ def masked_mse(pred: Tensor, target: Tensor, mask: Tensor) -> Tensor:
 def forward_loss(self: MaskedAutoencoderConvViT, imgs: Tensor, pred: Tensor, mask: Tensor) -> Tensor:
     "Mean squared error per patch, averaged over removed patches of every view. pred [K B, L, P], mask [K B, L]."
     return masked_mse(pred, self.target(imgs), mask)
-
-# %% ../nbs/03_models.ipynb #6adb8039
-_MSE_SRC = r'''
-#include <ATen/Parallel.h>
-#include <ATen/OpMathType.h>
-#include <vector>
-
-// The masked patch MSE of a pretraining step: loss = sum_r w[r] * mean_p (pred[r, p] - t[r mod R, p])^2 over rows r of
-// pred [K * R, P] (the K views share the target's R = B * L rows); rows with w = 0 (visible patches) are skipped.
-template <typename T>
-static double mse_rows(const T* pred, const float* t, const float* w, int64_t rows, int64_t R, int64_t P) {
-  const int nt = at::get_num_threads();
-  std::vector<double> part(nt, 0.0);
-  at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
-    double acc = 0.0;
-    for (int64_t r = r0; r < r1; ++r) {
-      if (w[r] == 0.f) continue;
-      const T* p = pred + r * P;
-      const float* q = t + (r % R) * P;
-      float s = 0.f;
-      #pragma omp simd reduction(+:s)
-      for (int64_t j = 0; j < P; ++j) { const float d = static_cast<float>(p[j]) - q[j]; s += d * d; }
-      acc += static_cast<double>(w[r]) * s;
-    }
-    part[at::get_thread_num()] += acc;
-  });
-  double total = 0.0;
-  for (double v : part) total += v;
-  return total / P;
-}
-
-torch::Tensor masked_mse_forward(torch::Tensor pred, torch::Tensor t, torch::Tensor w) {
-  TORCH_CHECK(pred.is_contiguous() && t.is_contiguous() && w.is_contiguous() && t.scalar_type() == at::kFloat &&
-              w.scalar_type() == at::kFloat && pred.size(-1) == t.size(-1), "masked_mse_forward: bad input");
-  const int64_t P = pred.size(-1), rows = pred.numel() / P, R = t.numel() / P;
-  double loss = 0.0;
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, pred.scalar_type(), "masked_mse_forward", [&] {
-    loss = mse_rows<scalar_t>(pred.data_ptr<scalar_t>(), t.data_ptr<float>(), w.data_ptr<float>(), rows, R, P);
-  });
-  return torch::tensor(loss, t.options());
-}
-
-// d loss / d pred = 2 g w[r] (pred - t) / P, in pred's dtype (zero on rows with w = 0)
-template <typename T>
-static void mse_grad_rows(const T* pred, const float* t, const float* w, double g, T* out, int64_t rows, int64_t R, int64_t P) {
-  at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      T* o = out + r * P;
-      const float s = static_cast<float>(2.0 * g * w[r] / P);
-      if (s == 0.f) { for (int64_t j = 0; j < P; ++j) o[j] = T(0); continue; }
-      const T* p = pred + r * P;
-      const float* q = t + (r % R) * P;
-      #pragma omp simd
-      for (int64_t j = 0; j < P; ++j) o[j] = T(s * (static_cast<float>(p[j]) - q[j]));
-    }
-  });
-}
-
-torch::Tensor masked_mse_backward(torch::Tensor pred, torch::Tensor t, torch::Tensor w, double g) {
-  const int64_t P = pred.size(-1), rows = pred.numel() / P, R = t.numel() / P;
-  auto grad = torch::empty_like(pred);
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, pred.scalar_type(), "masked_mse_backward", [&] {
-    mse_grad_rows<scalar_t>(pred.data_ptr<scalar_t>(), t.data_ptr<float>(), w.data_ptr<float>(), g, grad.data_ptr<scalar_t>(),
-                            rows, R, P);
-  });
-  return grad;
-}
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("masked_mse_forward", &masked_mse_forward);
-  m.def("masked_mse_backward", &masked_mse_backward);
-}
-'''
 
 # %% ../nbs/03_models.ipynb #b3e96762
 @patch
@@ -434,10 +336,27 @@ def load_weights(weights: str|Path='fastconvmae', dynamic_img_size: bool=True, *
     return m.eval()
 
 # %% ../nbs/03_models.ipynb #0ed971be
+def flop_counter():
+    """PyTorch's `FlopCounterMode` with two fixes: the backward of a grouped (depthwise) convolution counted per group
+(torch's formula ignores groups for the weight gradient, so a 5x5 depthwise convolution counts as a dense one), and the
+CPU flash attention counted like the CUDA kernels (torch registers no formula for it, so attention would count 0)."""
+    from torch.utils import flop_counter as tfc
+    aten = torch.ops.aten
+    def conv_backward(grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation, transposed, _out_pad, _groups,
+                      output_mask, out_shape=None, **kwargs):
+        fwd = tfc.conv_flop_count(x_shape, w_shape, grad_out_shape, transposed)  # w is [O, C / groups, k, k]: right per group
+        return fwd * (int(output_mask[0]) + int(output_mask[1]))  # grad input and grad weight cost a forward each
+    mapping = {aten.convolution_backward: conv_backward}
+    if hasattr(aten, '_scaled_dot_product_flash_attention_for_cpu'):
+        mapping[aten._scaled_dot_product_flash_attention_for_cpu] = \
+            lambda q, k, v, *args, out_shape=None, **kwargs: tfc.sdpa_flop_count(q, k, v)
+        mapping[aten._scaled_dot_product_flash_attention_for_cpu_backward] = \
+            lambda g, q, k, v, *args, out_shape=None, **kwargs: tfc.sdpa_backward_flop_count(g, q, k, v)
+    return tfc.FlopCounterMode(display=False, custom_mapping=mapping)
+
 def count_flops(model: nn.Module, *args, backward: bool=False, **kwargs) -> int:
-    "FLOPs of one call of `model(*args, **kwargs)` (and of the backward of its loss if `backward`)."
-    from torch.utils.flop_counter import FlopCounterMode
-    with FlopCounterMode(display=False) as fc:
+    "FLOPs of one call of `model(*args, **kwargs)` (and of the backward of its loss if `backward`), every operation counted."
+    with pytorch_ops(), flop_counter() as fc:   # the compiled kernels' work is invisible to a counter: PyTorch's versions
         out = model(*args, **kwargs)
         if backward: (out[0] if isinstance(out, tuple) else out).float().sum().backward()
     return fc.get_total_flops()

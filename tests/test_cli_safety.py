@@ -50,7 +50,8 @@ def test_demo_never_replaces_an_earlier_demo(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert 'outputs/demo-2' in r.stdout and (tmp_path / 'outputs' / 'demo-2' / 'checkpoint-latest.pth').exists()
     assert snapshot(first) == before
-    one_error_line(cli('fastconvmae_demo', '--epochs', '1', '--output', first, cwd=tmp_path), 'already holds a run', '--overwrite')
+    line = one_error_line(cli('fastconvmae_demo', '--epochs', '1', '--output', first, cwd=tmp_path), 'already holds a run', '--overwrite')
+    assert '--resume' not in line   # the demo has no --resume: the line does not offer one
     assert snapshot(first) == before
     one_error_line(cli('fastconvmae_demo', '--epochs', '0', cwd=tmp_path), '--epochs must be a positive integer')
     r = cli('fastconvmae_demo', '--epochs', '1', '--seed', '1', '--output', first, '--overwrite', cwd=tmp_path)

@@ -135,3 +135,13 @@ def test_finetune_in_the_new_convention_and_ctrl_c(tmp_path):
     from fastconvmae.checkpoint import load_checkpoint
     c = load_checkpoint(ck)['config']
     assert (c['model'], c['num_workers'], c['img_size']) == ('convvit_tiny_patch16', 0, 64)   # --model tiny is the registry's name
+
+@needs_scripts
+def test_fewer_images_than_a_batch_is_a_user_mistake(tmp_path):
+    "Pretraining 3 images with --bs 8: exit 2 and one line naming --bs (it was exit 1)."
+    (tmp_path / 'imgs').mkdir()
+    for i in range(3): Image.new('RGB', (40, 40), (i * 60, 90, 30)).save(tmp_path / 'imgs' / f'{i}.jpg')
+    r = run('pretrain', 'imgs', '--bs', '8', '--workers', '0', cwd=tmp_path)
+    lines = [l for l in r.stderr.splitlines() if l.startswith('error:')]
+    assert r.returncode == 2 and len(lines) == 1 and 'fewer than one batch of 8 (--bs)' in lines[0], r.stderr[-2000:]
+    assert not (tmp_path / 'runs').exists()

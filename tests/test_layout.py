@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 PKG = Path(__file__).resolve().parents[1] / 'fastconvmae'
-ENGINE = {'cli', 'checkpoint', 'training', 'data'}           # Part II: imported by everything above, imports none of it
+ENGINE = {'cli', 'checkpoint', 'training', 'data', 'kernels'}           # Part II: imported by everything above, imports none of it
 LESSONS = {'masking', 'maskconv', 'encoder', 'models', 'backbone'}
 TASKS = {'pretrain', 'mor', 'finetune', 'linprobe', 'knn', 'detection', 'segmentation', 'demo', 'visualise', 'predict', 'export'}
 #: a task may import its own parent, no other task: MoR extends pretraining, the linear probe reuses fine-tuning's recipe
