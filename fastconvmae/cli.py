@@ -143,7 +143,7 @@ def run_cli(fn, *args, debug: bool=False, **kwargs) -> None:
         sys.exit(2 if isinstance(e, (UserError, FileNotFoundError, NotADirectoryError)) else 1)  # a path the user gave: their mistake
 
 # %% ../nbs/20_cli.ipynb #f5ba05b0
-def cli_spec(positional=(), renamed=None, modes=None, hints=None, what: str='mode', about=None, models=None):
+def cli_spec(positional=(), renamed=None, modes=None, hints=None, what: str='mode', about=None):
     """Describe a command's options beyond its signature: `positional` parameters shown as `DATA`-style arguments;
 `renamed` old option names still accepted (hidden from --help; `old='new'`); `modes` for a command whose first parameter
 picks a mode (`detect train|evaluate|predict`): mode -> (its positional parameters, its options), each mode with its own
@@ -153,7 +153,7 @@ parser and --help; `hints` advice for an option given to the wrong mode; `about`
         return f
     return deco
 
-def _spec(func) -> dict: return getattr(func, '__cli__', None) or dict(positional=(), renamed={}, modes=None, hints={}, what='mode', about={})
+def _spec(func) -> dict: return getattr(func, '__cli__', None) or cli_spec()(lambda: None).__cli__  # no spec: the defaults
 
 def _param(v) -> Param:
     "fastcore's `Param` of a documented parameter, copied (fastcore's `set_default` changes it in place)"
