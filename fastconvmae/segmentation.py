@@ -31,7 +31,7 @@ from .data import ImageFolderDataset, BadImageError, BadImageWarning, BadImageRe
 from .cli import (UserError, check_args, check_output, prepare_output, run_cli, worker_message, check_mode_options,
                              call_parse_exact, cli_spec, model_size)
 from .checkpoint import atomic_save, load_checkpoint
-from .training import (AnyDeviceMixedPrecision, ShardedTrainer, PretrainCheckpoint, nonfinite_cbs, NonFiniteLossError, extra_loggers, task_learner,
+from .training import (AnyDeviceMixedPrecision, ShardedTrainer, leave_group_at_exit, PretrainCheckpoint, nonfinite_cbs, NonFiniteLossError, extra_loggers, task_learner,
                                   RunLog, unwrap, launch_setup, seed_rank, check_resume, fit_resumable, console_progress,
                                   keep_published_batch, convvit_layer_id, LayerGroups, adamw)
 from .backbone import convvit_seg, load_backbone
@@ -546,8 +546,7 @@ def init_distributed(device: torch.device):
     if num_distrib() < 2 or not dist.is_available() or dist.is_initialized(): return
     if device.type == 'cuda': torch.cuda.set_device(device)
     dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
-    import atexit  # leave the group before the interpreter exits: a Gloo group left to die with it can abort (SIGABRT)
-    atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
+    leave_group_at_exit()
 
 # %% ../nbs/11_segmentation.ipynb #f940db01
 class SegConfusion(Metric):

@@ -33,8 +33,9 @@ __all__ = ['pretrain_param_groups', 'adamw', 'lr_schedule', 'AnyDeviceMixedPreci
            'SkippedStepsColumn', 'nonfinite_settings', 'nonfinite_cbs', 'StopOnNonFinite', 'unwrap', 'rng_states',
            'set_rng_states', 'isolated_rng', 'all_rng_states', 'PretrainCheckpoint', 'SkipEpochs', 'RestoreState',
            'RunLog', 'load_model_state', 'check_resume', 'read_resume', 'fit_resumable', 'keep_published_batch',
-           'ShardedTrainer', 'launch_setup', 'seed_rank', 'EpochLines', 'console_progress', 'show_progress',
-           'extra_loggers', 'convvit_layer_id', 'LayerGroups', 'layer_decay_groups', 'precision_cbs', 'task_learner']
+           'ShardedTrainer', 'leave_group_at_exit', 'launch_setup', 'seed_rank', 'EpochLines', 'console_progress',
+           'show_progress', 'extra_loggers', 'convvit_layer_id', 'LayerGroups', 'layer_decay_groups', 'precision_cbs',
+           'task_learner']
 
 # %% ../nbs/22_training.ipynb #6fc3dbb8
 def pretrain_param_groups(model: nn.Module, weight_decay: float=0.05) -> list[dict]:
@@ -348,6 +349,17 @@ class ShardedTrainer(DistributedTrainer):
             dl.n = math.ceil(len(dl.dataset) / dl.world_size)
             return dl
         return super()._wrap_dl(dl)
+    def before_fit(self):
+        super().before_fit()  # the Accelerator has joined the process group by now
+        leave_group_at_exit()
+
+_LEAVING = []
+def leave_group_at_exit():
+    "Leave the process group when the interpreter exits: a Gloo group left to die with the interpreter can abort a rank (SIGABRT) after a run that succeeded."
+    import atexit, torch.distributed as dist
+    if _LEAVING or not (dist.is_available() and dist.is_initialized()): return
+    _LEAVING.append(True)
+    atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
 
 # %% ../nbs/22_training.ipynb #29026286
 def launch_setup(seed: int=0, device=None) -> tuple[int, int, torch.device]:
