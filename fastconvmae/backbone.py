@@ -4,7 +4,7 @@
 
 # %% ../nbs/02b_backbone.ipynb #b321956c
 from __future__ import annotations
-import math
+import math, re
 from collections import OrderedDict
 from functools import partial
 from pathlib import Path
@@ -13,14 +13,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
-from timm.layers import LayerScale, resample_abs_pos_embed
-from .encoder import ConvViTTrunk, CONVVIT_ARCHS, sincos_2d, to_hw
+from timm.layers import LayerScale
+from .encoder import ConvViTTrunk, CONVVIT_ARCHS, sincos_2d, to_hw, resize_pos_embed
 from .checkpoint import (load_checkpoint, checkpoint_state_dict, convert_state_dict, LoadReport,
                                     CheckpointMismatchError)
 
 # %% auto #0
-__all__ = ['window_partition', 'window_unpartition', 'relative_position_index', 'RelativePositionBias', 'ConvViTBackbone',
-           'convvit_det', 'convvit_seg', 'load_backbone']
+__all__ = ['window_partition', 'window_unpartition', 'relative_position_index', 'table_bias', 'RelativePositionBias',
+           'ConvViTBackbone', 'convvit_det', 'convvit_seg', 'load_backbone']
 
 # %% ../nbs/02b_backbone.ipynb #08ead575
 def window_partition(x: Tensor, ws: int) -> Tensor:
@@ -44,6 +44,15 @@ def relative_position_index(h: int, w: int) -> Tensor:
     rel = coords[:, :, None] - coords[:, None, :]                    # [2, hw, hw] offsets in [-(h-1), h-1] x [-(w-1), w-1]
     return (rel[0] + h - 1) * (2 * w - 1) + (rel[1] + w - 1)
 
+def table_bias(table: Tensor, table_hw: tuple[int, int], hw: tuple[int, int], index: Tensor|None=None) -> Tensor:
+    "The [heads, h*w, h*w] attention bias read from a [(2h0-1)(2w0-1), heads] `table` made for `table_hw` windows; resampled bicubically for other sizes."
+    (h0, w0), (h, w) = to_hw(table_hw), to_hw(hw)
+    if (h, w) != (h0, w0):
+        t = table.T.reshape(1, -1, 2 * h0 - 1, 2 * w0 - 1)
+        table = F.interpolate(t, size=(2 * h - 1, 2 * w - 1), mode='bicubic', align_corners=False).flatten(2)[0].T
+    if index is None or index.shape[0] != h * w: index = relative_position_index(h, w).to(table.device)
+    return table[index.view(-1)].view(h * w, h * w, -1).permute(2, 0, 1)
+
 class RelativePositionBias(nn.Module):
     "Learned attention bias per head for each relative offset inside a window (official name `relative_position_bias_table`)."
     def __init__(self, window_size, num_heads: int):
@@ -53,30 +62,22 @@ class RelativePositionBias(nn.Module):
         self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * h - 1) * (2 * w - 1), num_heads))
         self.register_buffer('relative_position_index', relative_position_index(h, w), persistent=False)
 
-    def table_for(self, hw: tuple[int, int]) -> Tensor:
-        "The table for an h x w window: the learned one, or it resampled bicubically for another window size."
-        if tuple(hw) == self.window_size: return self.relative_position_bias_table
-        (h0, w0), (h, w) = self.window_size, hw
-        t = self.relative_position_bias_table.T.reshape(1, self.num_heads, 2 * h0 - 1, 2 * w0 - 1)
-        t = F.interpolate(t, size=(2 * h - 1, 2 * w - 1), mode='bicubic', align_corners=False)
-        return t.reshape(self.num_heads, -1).T
-
     def forward(self, hw: tuple[int, int]|None=None) -> Tensor:  # -> [heads, h*w, h*w]
-        hw = tuple(hw or self.window_size)
-        idx = self.relative_position_index if hw == self.window_size else relative_position_index(*hw).to(self.relative_position_bias_table.device)
-        n = hw[0] * hw[1]
-        return self.table_for(hw)[idx.view(-1)].view(n, n, -1).permute(2, 0, 1)
+        return table_bias(self.relative_position_bias_table, self.window_size, hw or self.window_size, self.relative_position_index)
 
 # %% ../nbs/02b_backbone.ipynb #684421cf
+_LEGACY = [(re.compile(r'^blocks3\.(\d+)\.gamma_([12])$'), r'blocks3.\1.ls\2.gamma'),            # official SEG layer scale
+           (re.compile(r'^rel_pos_bias\.(\d+)\.relative_position_bias_table$'), r'blocks3.\1.attn.relative_position_bias_table')]
+
 class ConvViTBackbone(ConvViTTrunk):
     "Multi-scale ConvViT feature extractor (official ConvViTDet / SEG ConvMAE configurations): {'s0'..'s3'} at strides 4, 8, 16, 32."
     def __init__(self, img_size=1024, window_size: int|None=16, global_blocks=(0, 3, 6, 10), rel_pos: str|None='shared',
-                 layer_scale: float|None=None, s3: str='maxpool', pos_embed: str='fixed', grad_checkpointing: bool=False,
-                 drop_path_rate: float=0.1, **kwargs):
+                 layer_scale: float|None=None, s3: str='maxpool', s3_padding: int=0, pos_embed: str='resized',
+                 pretrain_grid=(14, 14), grad_checkpointing: bool=False, drop_path_rate: float=0.1, **kwargs):
         super().__init__(img_size=img_size, drop_path_rate=drop_path_rate, dynamic_img_size=True, **kwargs)
         if rel_pos not in ('shared', 'per_block', None): raise ValueError(f"rel_pos must be 'shared', 'per_block' or None, got {rel_pos!r}")
         if s3 not in ('maxpool', 'conv'): raise ValueError(f"s3 must be 'maxpool' or 'conv', got {s3!r}")
-        if pos_embed not in ('fixed', 'learned'): raise ValueError(f"pos_embed must be 'fixed' or 'learned', got {pos_embed!r}")
+        if pos_embed not in ('resized', 'fixed', 'learned'): raise ValueError(f"pos_embed must be 'resized', 'fixed' or 'learned', got {pos_embed!r}")
         n3, e3 = len(self.blocks3), self.num_features
         self.window_size = window_size
         self.global_blocks = tuple(range(n3)) if window_size is None else tuple(i % n3 for i in global_blocks)
@@ -87,14 +88,17 @@ class ConvViTBackbone(ConvViTTrunk):
             if window_size is not None and len(self.global_blocks) < n3:
                 self.windowed_rel_pos_bias = RelativePositionBias(window_size, self.num_heads)
             self.global_rel_pos_bias = RelativePositionBias(self.grid, self.num_heads)
-        elif rel_pos == 'per_block':
-            self.rel_pos_bias = nn.ModuleList([RelativePositionBias(self.grid if i in self.global_blocks else window_size, self.num_heads)
-                                               for i in range(n3)])
+        elif rel_pos == 'per_block':  # official SEG: each block's own table, in its attention (`blocks3.i.attn.relative_position_bias_table`)
+            for i, blk in enumerate(self.blocks3):
+                h, w = self.grid if i in self.global_blocks else to_hw(window_size)
+                blk.attn.relative_position_bias_table = nn.Parameter(torch.zeros((2 * h - 1) * (2 * w - 1), self.num_heads))
         if layer_scale is not None:
             for blk in self.blocks3: blk.ls1, blk.ls2 = LayerScale(e3, layer_scale), LayerScale(e3, layer_scale)
-        self.fpn = (nn.Sequential(nn.Conv2d(e3, e3, 3, stride=2, padding=1), nn.BatchNorm2d(e3), nn.GELU()) if s3 == 'conv'
+        self.fpn = (nn.Sequential(nn.Conv2d(e3, e3, 3, stride=2, padding=s3_padding), nn.BatchNorm2d(e3), nn.GELU()) if s3 == 'conv'
                     else nn.MaxPool2d(2))
-        with torch.no_grad(): self.pos_embed.copy_(sincos_2d(e3, self.grid)[None])
+        with torch.no_grad():  # 'resized': the pretraining sin-cos (of `pretrain_grid`) resized, what loading a pretraining checkpoint gives
+            self.pos_embed.copy_(resize_pos_embed(sincos_2d(e3, pretrain_grid)[None], self.grid, pretrain_grid) if pos_embed == 'resized'
+                                 else sincos_2d(e3, self.grid)[None])
         self.pos_embed.requires_grad_(pos_embed == 'learned')
         self.apply(self._init_weights)
         e1, e2, _ = self.embed_dim
@@ -116,13 +120,15 @@ class ConvViTBackbone(ConvViTTrunk):
     def set_grad_checkpointing(self, enable: bool=True): self.grad_checkpointing = enable
 
     def pos_embed_for(self, hw: tuple[int, int], pos_embed: Tensor|None=None) -> Tensor:
-        "Fixed mode: the exact sin-cos embedding of grid `hw`; learned mode: `pos_embed` resampled to `hw`."
-        if self.pos_embed_mode == 'learned' or hw == self.grid: return super().pos_embed_for(hw, pos_embed)
-        return sincos_2d(self.num_features, hw)[None].to(self.pos_embed)
+        "'fixed': the exact sin-cos of grid `hw`; 'resized' and 'learned': `pos_embed` resized to `hw` (official bicubic)."
+        if self.pos_embed_mode == 'fixed' and hw != self.grid: return sincos_2d(self.num_features, hw)[None].to(self.pos_embed)
+        return resize_pos_embed(self.pos_embed if pos_embed is None else pos_embed, hw, self.grid)
 
     def attn_bias(self, i: int, hw: tuple[int, int]) -> Tensor|None:
         "The [heads, N, N] relative-position bias of stage-3 block `i` for attention windows of size `hw`."
-        if self.rel_pos == 'per_block': return self.rel_pos_bias[i](hw)
+        if self.rel_pos == 'per_block':
+            return table_bias(self.blocks3[i].attn.relative_position_bias_table,
+                              self.grid if i in self.global_blocks else to_hw(self.window_size), hw)
         if self.rel_pos == 'shared':
             return (self.global_rel_pos_bias if i in self.global_blocks else self.windowed_rel_pos_bias)(hw)
         return None
@@ -155,46 +161,74 @@ class ConvViTBackbone(ConvViTTrunk):
         s2 = self.forward_blocks3(x, hw).transpose(1, 2).unflatten(2, hw)
         return OrderedDict(s0=x1.permute(0, 3, 1, 2), s1=x2.permute(0, 3, 1, 2), s2=s2, s3=self.fpn(s2))
 
+    def official_names(self, sd: dict, prefix: str='') -> dict:
+        """`sd` with the official SEG names (`blocks3.i.gamma_1`) and this package's earlier ones (`rel_pos_bias.i.*`) renamed,
+and the official persistent `relative_position_index` buffers checked against the ones computed here, then removed."""
+        out = {}
+        for k, v in sd.items():
+            if not k.startswith(prefix): out[k] = v; continue
+            name = k[len(prefix):]
+            if name.endswith('relative_position_index'):
+                n = math.isqrt(v.shape[0])
+                if v.ndim != 2 or v.shape[0] != v.shape[1] or n * n != v.shape[0] or not torch.equal(v.cpu(), relative_position_index(n, n)):
+                    raise CheckpointMismatchError(f"{k}: a relative-position index this backbone does not compute (shape {tuple(v.shape)})")
+                continue
+            for pat, repl in _LEGACY: name = pat.sub(repl, name)
+            out[prefix + name] = v
+        return out
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        new = self.official_names({k: state_dict.pop(k) for k in [k for k in state_dict if k.startswith(prefix)]}, prefix)
+        pe = new.get(prefix + 'pos_embed')
+        if pe is not None and self.pos_embed_mode == 'fixed': new[prefix + 'pos_embed'] = self.pos_embed.detach().clone()
+        elif pe is not None and pe.shape[1] != self.num_patches: new[prefix + 'pos_embed'] = resize_pos_embed(pe, self.grid)
+        state_dict.update(new)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
 # %% ../nbs/02b_backbone.ipynb #fe431a28
 def _arch(arch: str) -> dict:
     if arch not in CONVVIT_ARCHS: raise ValueError(f"unknown arch {arch!r}; choose one of {sorted(CONVVIT_ARCHS)} or pass embed_dim/depth/num_heads")
     return dict(CONVVIT_ARCHS[arch])
 
 def convvit_det(arch: str='base', img_size=1024, window_size: int|None=16, global_blocks=None, **kwargs) -> ConvViTBackbone:
-    "Detection backbone (official ConvViTDet): window 16, global blocks 0, 3, 6, 10 (of 11: every 3rd, the last), shared tables, max-pooled s3, fixed sin-cos, drop path 0.1."
+    """Detection backbone (official ConvViTDet): window 16, global blocks 0, 3, 6, 10 (of 11: every 3rd, the last), shared tables,
+max-pooled s3, the pretraining pos_embed resized bicubically to the grid and frozen, drop path 0.1, LayerNorm eps 1e-6."""
     cfg = {**_arch(arch), **kwargs}
     n3 = cfg['depth'][2]
     if global_blocks is None: global_blocks = sorted({*range(0, n3 - 2, 3), n3 - 1})  # 11 blocks: 0, 3, 6, 10 as the official code
     return ConvViTBackbone(img_size=img_size, window_size=window_size, global_blocks=global_blocks,
-                           **{**dict(rel_pos='shared', s3='maxpool', pos_embed='fixed', drop_path_rate=0.1), **cfg})
+                           **{**dict(rel_pos='shared', s3='maxpool', pos_embed='resized', drop_path_rate=0.1), **cfg})
 
 def convvit_seg(arch: str='base', img_size=512, **kwargs) -> ConvViTBackbone:
-    "Segmentation backbone (official SEG ConvMAE): global attention, a relative-position table per block, layer scale 1, conv s3, learned pos_embed, drop path 0.2."
+    """Segmentation backbone (official SEG ConvMAE): global attention, a relative-position table per block, layer scale 1,
+s3 a 3x3 stride-2 conv without padding (a 32 x 32 grid gives 15 x 15) + BatchNorm + GELU, learned pos_embed, drop path 0.2,
+stage-3 LayerNorm eps 1e-5 (`nn.LayerNorm`'s default, which the official SEG code keeps)."""
     cfg = {**_arch(arch), **kwargs}
-    return ConvViTBackbone(img_size=img_size, **{**dict(window_size=None, rel_pos='per_block', layer_scale=1., s3='conv',
-                                                        pos_embed='learned', drop_path_rate=0.2), **cfg})
+    return ConvViTBackbone(img_size=img_size, **{**dict(window_size=None, rel_pos='per_block', layer_scale=1., s3='conv', s3_padding=0,
+                                                        pos_embed='learned', drop_path_rate=0.2, norm_layer=nn.LayerNorm), **cfg})
 
 # %% ../nbs/02b_backbone.ipynb #de476e38
-_NEW = ('relative_position_bias_table', '.ls1.', '.ls2.', 'fpn.')
+_TASK = ('relative_position_bias_table', '.ls1.', '.ls2.', 'fpn.')  # tensors no pretraining checkpoint has; downstream ones do
 
 def load_backbone(model: ConvViTBackbone, ckpt, safe_globals=(), trusted: bool=False, verbose: bool=True) -> LoadReport:
-    "Load the encoder of a checkpoint (path or loaded dict, any supported layout) into a backbone; report what was loaded and what is new."
+    """Load the backbone of a checkpoint (path or loaded dict, any supported layout: pretraining, classifier, the official detectron2
+Mask R-CNN and mmseg UperNet) into `model`; report what was loaded, what was dropped and what is new."""
     source = str(ckpt) if isinstance(ckpt, (str, Path)) else 'a state dict'
     if isinstance(ckpt, (str, Path)): ckpt = load_checkpoint(ckpt, safe_globals, trusted)
     sd, container = checkpoint_state_dict(ckpt)
     sd, dropped, layout = convert_state_dict(sd, global_pool=True)
+    sd = model.official_names(sd)
     own = model.state_dict()
-    new = [k for k in own if any(p in k for p in _NEW)]
     drop = lambda why, k: (dropped.setdefault(why, []).append(k), sd.pop(k))
     for k in [k for k in sd if k not in own]: drop('not part of the backbone (classifier, norm, teachers, ...)', k)
-    for k in [k for k in sd if k in new]: drop('re-initialised (task-specific)', k)
+    pe_from = None
     if 'pos_embed' in sd:
-        if model.pos_embed_mode == 'fixed': drop('pos_embed (the backbone uses the fixed sin-cos of its grid)', 'pos_embed')
+        if model.pos_embed_mode == 'fixed': drop("pos_embed (pos_embed='fixed': the exact sin-cos of the grid is used)", 'pos_embed')
         elif sd['pos_embed'].shape != own['pos_embed'].shape and sd['pos_embed'].shape[-1] == own['pos_embed'].shape[-1]:
-            pe = sd['pos_embed']; old = math.isqrt(pe.shape[1])
-            if old * old != pe.shape[1]: raise CheckpointMismatchError(f"cannot infer the grid of the checkpoint's pos_embed {tuple(pe.shape)}")
-            sd['pos_embed'] = resample_abs_pos_embed(pe, new_size=list(model.grid), old_size=[old, old], num_prefix_tokens=0)
-    expected = [k for k in own if k not in new and not (k == 'pos_embed' and model.pos_embed_mode == 'fixed')]
+            pe = sd['pos_embed']; pe_from = math.isqrt(pe.shape[1])
+            sd['pos_embed'] = resize_pos_embed(pe, model.grid)
+    task = [k for k in own if any(p in k for p in _TASK) and k not in sd]   # new here: initialised, listed
+    expected = [k for k in own if k not in task and not (k == 'pos_embed' and model.pos_embed_mode == 'fixed')]
     missing = [k for k in expected if k not in sd]
     shapes = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}" for k in sd if sd[k].shape != own[k].shape]
     if missing or shapes:
@@ -204,6 +238,7 @@ def load_backbone(model: ConvViTBackbone, ckpt, safe_globals=(), trusted: bool=F
         raise CheckpointMismatchError(f"{source} ({layout} layout) does not fit {arch}:\n  - " + '\n  - '.join(problems))
     res = model.load_state_dict(sd, strict=False)
     assert not res.unexpected_keys
-    rep = LoadReport(source, f"{layout}, '{container}'", list(sd), dropped, sorted(res.missing_keys))
+    rep = LoadReport(source, f"{layout}, '{container}'", list(sd), dropped, sorted(res.missing_keys),
+                     pos_embed_resampled=(f"{pe_from}x{pe_from}", 'x'.join(map(str, model.grid))) if pe_from else None)
     if verbose: print(rep)
     return rep

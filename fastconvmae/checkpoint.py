@@ -111,11 +111,19 @@ def _strip(k: str, prefixes=('module.', '_orig_mod.')) -> str:
     return k
 
 def checkpoint_layout(sd: dict) -> str:
-    "'EasyCV pretraining', 'EasyCV classifier', 'MoR' or 'official', from the names of a (wrapper-stripped) state dict"
+    """'EasyCV pretraining', 'EasyCV classifier', 'MoR', 'detectron2 Mask R-CNN' (official DET), 'torchvision Mask R-CNN' (this
+package's detector), 'UperNet' (official mmseg SEG and this package's segmenter) or 'official', from the names of a (wrapper-stripped) state dict"""
     if any(k.startswith('encoder.patch_embed1.') for k in sd): return 'EasyCV pretraining'
+    if any(k.startswith('backbone.bottom_up.') for k in sd): return 'detectron2 Mask R-CNN'
+    if any(k.startswith('backbone.body.') for k in sd): return 'torchvision Mask R-CNN'
+    if any(k.startswith(('decode_head.', 'auxiliary_head.')) for k in sd): return 'UperNet'
     if any(k.startswith('backbone.patch_embed1.') for k in sd): return 'EasyCV classifier'
     if any(k.startswith((EMA_PREFIX, 'decoder_branches.')) for k in sd): return 'MoR'
     return 'official'
+
+_DOWNSTREAM = [('detectron2 Mask R-CNN', 'backbone.bottom_up.', 'detector FPN, RPN and ROI heads'),
+               ('torchvision Mask R-CNN', 'backbone.body.', 'detector FPN, RPN and ROI heads'),
+               ('UperNet', 'backbone.', 'segmentation heads (UPerHead, auxiliary FCNHead)')]
 
 def _rename(k: str, layout: str, from_ema: bool) -> tuple[str|None, str]:
     "(official name or None, why it is dropped) of checkpoint name `k`"
@@ -126,6 +134,8 @@ def _rename(k: str, layout: str, from_ema: bool) -> tuple[str|None, str]:
         if k.startswith('backbone.'): return k[len('backbone.'):], ''
         if k.startswith('head_0.fc_cls.'): return 'head.' + k[len('head_0.fc_cls.'):], ''
         return None, 'other EasyCV heads and necks'
+    for lay, pre, why in _DOWNSTREAM:
+        if layout == lay: return (k[len(pre):], '') if k.startswith(pre) else (None, why)
     if layout == 'MoR':
         if k.startswith(EMA_PREFIX): return (k[len(EMA_PREFIX):], '') if from_ema else (None, 'MoR EMA teacher (from_ema=True loads it)')
         if k.startswith('teachers.'): return None, 'MoR teachers'

@@ -20,8 +20,9 @@ from .masking import grid_size
 from .maskconv import CBlock, conv_nhwc, block_norm
 
 # %% auto #0
-__all__ = ['default_cfgs', 'CONVVIT_ARCHS', 'to_hw', 'to_3', 'sincos_1d', 'sincos_2d', 'Attention', 'PatchEmbed', 'ConvViTTrunk',
-           'ConvViT', 'convvit_base_patch16', 'convvit_small_patch16', 'convvit_tiny_patch16']
+__all__ = ['default_cfgs', 'CONVVIT_ARCHS', 'to_hw', 'resize_pos_embed', 'to_3', 'sincos_1d', 'sincos_2d', 'Attention',
+           'PatchEmbed', 'ConvViTTrunk', 'ConvViT', 'convvit_base_patch16', 'convvit_small_patch16',
+           'convvit_tiny_patch16']
 
 # %% ../nbs/02_encoder.ipynb #40611389
 def to_hw(img_size) -> tuple[int, int]:
@@ -31,6 +32,17 @@ def to_hw(img_size) -> tuple[int, int]:
     if len(img_size) == 3: return img_size[0], img_size[0]  # official layout: per-stage input sizes
     if len(img_size) == 2: return img_size
     raise ValueError(f"img_size must be an int, (H, W) or the official [H, H/4, H/8] list, got {img_size}")
+
+def resize_pos_embed(pe: Tensor, new_hw, old_hw=None) -> Tensor:
+    """[1, h*w, D] -> [1, H*W, D] as MAE's `interpolate_pos_embed` and the official ConvMAE detection and segmentation loaders:
+bicubic, `align_corners=False`, no antialiasing (timm's `resample_abs_pos_embed` with `antialias=False`); `old_hw` defaults to a square grid."""
+    new_hw = to_hw(new_hw)
+    if old_hw is None:
+        side = math.isqrt(pe.shape[1])
+        if side * side != pe.shape[1]: raise ValueError(f"cannot infer the grid of a non-square pos_embed {tuple(pe.shape)}: give old_hw")
+        old_hw = (side, side)
+    if to_hw(old_hw) == new_hw: return pe
+    return resample_abs_pos_embed(pe, new_size=list(new_hw), old_size=list(to_hw(old_hw)), num_prefix_tokens=0, antialias=False)
 
 def to_3(v, name: str) -> tuple:
     "One value per stage from a scalar or a 3-sequence."
@@ -124,7 +136,7 @@ class ConvViTTrunk(nn.Module):
         "`pos_embed` (or another [1, L, D] embedding on the model's grid) resampled to grid `hw` when it differs."
         pe = self.pos_embed if pos_embed is None else pos_embed
         if hw == self.grid: return pe
-        return resample_abs_pos_embed(pe, new_size=list(hw), old_size=list(self.grid), num_prefix_tokens=0)
+        return resize_pos_embed(pe, hw, self.grid)
 
     def forward_stages(self, x: Tensor, vis1: Tensor|None=None, vis2: Tensor|None=None):
         "Image [B, C, H, W] -> (tokens [B, L, D3] with pos_embed, stage-1 map [B, H/4, W/4, D1], stage-2 map [B, H/8, W/8, D2])."
@@ -214,12 +226,7 @@ class ConvViT(ConvViTTrunk):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         k = prefix + 'pos_embed'
         if k in state_dict and state_dict[k].shape != self.pos_embed.shape:
-            pe = state_dict[k]
-            old = math.isqrt(pe.shape[1])
-            if old * old != pe.shape[1]:
-                raise ValueError(f"cannot infer the grid of a non-square checkpoint pos_embed {tuple(pe.shape)}; "
-                                 f"resample it with `resample_abs_pos_embed` first")
-            state_dict[k] = resample_abs_pos_embed(pe, new_size=list(self.grid), old_size=[old, old], num_prefix_tokens=0)
+            state_dict[k] = resize_pos_embed(state_dict[k], self.grid)  # a square checkpoint grid; else resize it first
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 # %% ../nbs/02_encoder.ipynb #c2d40df7

@@ -30,11 +30,12 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from .data import ImageFolderDataset, BadImageError, BadImageWarning, BadImageReport, ShardedDL, load_rgb, denormalize, image_files
 from .cli import (UserError, check_args, check_output, prepare_output, run_cli, worker_message, check_mode_options,
                              call_parse_exact, cli_spec, model_size)
-from .checkpoint import atomic_save, load_checkpoint
+from .checkpoint import atomic_save, load_checkpoint, checkpoint_state_dict, checkpoint_layout, _strip, CheckpointMismatchError
 from .training import (AnyDeviceMixedPrecision, ShardedTrainer, leave_group_at_exit, PretrainCheckpoint, nonfinite_cbs, NonFiniteLossError, extra_loggers, task_learner,
                                   RunLog, unwrap, launch_setup, seed_rank, check_resume, fit_resumable, console_progress,
                                   keep_published_batch, convvit_layer_id, LayerGroups, adamw)
 from .backbone import convvit_seg, load_backbone
+from .encoder import CONVVIT_ARCHS
 
 # %% auto #0
 __all__ = ['IMG_EXTS', 'LABEL_MODES', 'PAD_LABEL', 'SEG_PRESETS', 'SEGMENT_MODES', 'find_seg_pairs', 'load_label', 'SegDataError',
@@ -44,8 +45,8 @@ __all__ = ['IMG_EXTS', 'LABEL_MODES', 'PAD_LABEL', 'SEG_PRESETS', 'SEGMENT_MODES
            'draw_upernet', 'backbone_channels', 'UperNet', 'SegLoss', 'slide_windows', 'slide_inference',
            'seg_inference', 'seg_predict', 'confusion_matrix', 'seg_scores', 'init_distributed', 'SegConfusion',
            'SegScore', 'seg_metrics', 'seg_layer_id', 'seg_param_groups', 'poly_lr', 'SegRecipe', 'seg_learner',
-           'fit_segment', 'create_segmentor', 'save_segmenter', 'load_segmenter', 'segment', 'evaluate_segmenter',
-           'predict_masks', 'show_predictions', 'main']
+           'fit_segment', 'create_segmentor', 'save_segmenter', 'official_segmenter', 'load_segmenter', 'segment',
+           'evaluate_segmenter', 'predict_masks', 'show_predictions', 'main']
 
 # %% ../nbs/11_segmentation.ipynb #1f623600
 IMG_EXTS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
@@ -709,13 +710,42 @@ def save_segmenter(learn: Learner, path, classes=None) -> Path:
     return atomic_save(dict(model={k: v.detach().cpu() for k, v in m.state_dict().items()}, recipe=rec,
                             num_classes=m.num_classes, classes=list(classes or []), scores=scores), path)
 
+def official_segmenter(ck: dict, preset: str='ade20k') -> tuple[UperNet, dict]:
+    """The UperNet that fits an official ConvMAE segmentation checkpoint (mmseg: `{'meta', 'state_dict'}`), loaded from it,
+and a record like `save_segmenter`'s: widths, depths, heads, crop and head channels are read from the tensors, the rest is `preset`'s."""
+    sd, _ = checkpoint_state_dict(ck)
+    sd = {k[len('module.'):] if k.startswith('module.') else k: v for k, v in sd.items()}
+    def shape(k):
+        if k not in sd: raise CheckpointMismatchError(f"not an UperNet checkpoint of a ConvViT backbone: it has no {k}")
+        return tuple(sd[k].shape)
+    e = tuple(shape(f'backbone.patch_embed{i}.proj.weight')[0] for i in (1, 2, 3))
+    depth = tuple(len({k.split('.')[2] for k in sd if k.startswith(f'backbone.blocks{i}.')}) for i in (1, 2, 3))
+    table = next((k for k in sd if k.startswith('backbone.') and k.endswith('relative_position_bias_table')), None)
+    if table is None: raise CheckpointMismatchError("not an official segmentation checkpoint: no relative-position tables in its backbone")
+    heads = shape(table)[1]
+    grid = math.isqrt(shape('backbone.pos_embed')[1])
+    K, channels = shape('decode_head.conv_seg.weight')[:2]
+    aux = shape('auxiliary_head.conv_seg.weight')[1] if 'auxiliary_head.conv_seg.weight' in sd else 0
+    arch = next((a for a, c in CONVVIT_ARCHS.items() if (tuple(c['embed_dim']), tuple(c['depth']), c['num_heads']) == (e, depth, heads)), 'custom')
+    r = replace(SEG_PRESETS[preset], arch=arch, crop=grid * 16, channels=channels, aux_channels=aux, drop_path=0.)
+    backbone = convvit_seg('base', img_size=r.crop, drop_path_rate=0., embed_dim=e, depth=depth, num_heads=heads)
+    model = UperNet(backbone, K, channels=channels, aux_channels=aux, dropout=r.dropout, test_cfg=r.test_cfg)
+    model.load_state_dict(sd)  # strict: every tensor is used (the backbone renames gamma_1/2, checks relative_position_index)
+    classes = list((ck.get('meta') or {}).get('CLASSES') or [])
+    rec = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(r).items()}
+    return model, dict(recipe=rec, num_classes=K, classes=classes, scores={}, arch=dict(embed_dim=e, depth=depth, num_heads=heads))
+
 def load_segmenter(path, device='cpu', **test_cfg) -> tuple[UperNet, dict]:
-    "A trained segmenter and its saved record from `save_segmenter`'s file; `test_cfg` overrides the inference settings"
+    """A trained segmenter and its saved record, from `save_segmenter`'s file or an official (mmseg) ConvMAE UperNet checkpoint;
+`test_cfg` overrides the inference settings"""
     ck = load_checkpoint(path)
-    if not {'model', 'recipe', 'num_classes'} <= set(ck): raise ValueError(f"{path} is not a segmenter saved by fastconvmae segment train")
-    r = SegRecipe(**{k: tuple(v) if isinstance(v, list) else v for k, v in ck['recipe'].items()})
-    model = create_segmentor(replace(r, drop_path=0.), ck['num_classes'])
-    model.load_state_dict(ck['model'])
+    if {'model', 'recipe', 'num_classes'} <= set(ck):
+        r = SegRecipe(**{k: tuple(v) if isinstance(v, list) else v for k, v in ck['recipe'].items()})
+        model = create_segmentor(replace(r, drop_path=0.), ck['num_classes'])
+        model.load_state_dict(ck['model'])
+    elif isinstance(ck, dict) and checkpoint_layout({_strip(k): v for k, v in checkpoint_state_dict(ck)[0].items()}) == 'UperNet':
+        model, ck = official_segmenter(ck)
+    else: raise UserError(f"{path} is neither a segmenter saved by fastconvmae segment train nor an mmseg UperNet checkpoint")
     model.test_cfg.update({k: v for k, v in test_cfg.items() if v is not None})
     return model.to(device).eval(), ck
 

@@ -18,7 +18,8 @@ from .checkpoint import load_checkpoint
 
 # %% auto #0
 __all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'load_model', 'as_convmae', 'normalise', 'to_rgb', 'show_mae_demo', 'stage3_tokens',
-           'pca_rgb', 'stage3_attention', 'reconstruct_image', 'main', 'draw_encoder_stages', 'draw_fast_flow']
+           'pca_rgb', 'stage3_attention', 'reconstruct_image', 'main', 'draw_encoder_stages', 'draw_fast_flow',
+           'draw_fusion']
 
 # %% ../nbs/13_visualise.ipynb #256fe8cf
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -234,4 +235,54 @@ def draw_fast_flow(img: Tensor, mask: Tensor, hw: tuple[int, int]):
     ax.text(70 + 3 * sq, Y + 3.5, 'target (hidden part)', ha='center', fontsize=9)
     ax.text(95, mid, 'mean over\nthe views', ha='center', va='center', fontsize=9, color='0.3')
     fig.subplots_adjust(0.01, 0.01, 0.99, 0.99)
+    return fig
+
+# %% ../nbs/13_visualise.ipynb #f5a1d2c7
+def draw_fusion(img: Tensor, x1: Tensor, x2: Tensor, t3: Tensor, f1: Tensor, f2: Tensor, keep: Tensor, hw: tuple[int, int],
+                view: int=0):
+    """Diagram of ConvMAE's multi-scale fusion for one image: the photo `img` [3, H, W] in [0, 1], its stage maps `x1`
+    [h1, w1, D1] and `x2` [h2, w2, D2] (channels-last), the fusion terms `f1`, `f2` [L, D] on the token grid `hw`, and the
+    stage-3 output `t3` [K, n, D] of each view's visible tokens `keep` [K, n]. The maps show view `view`; the bar chart,
+    the L2 norm per token of the three summands and of their sum, over all K views."""
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import ConnectionPatch
+    (h, w), L, (H, W) = hw, hw[0] * hw[1], img.shape[-2:]
+    k, t, n = keep[view], t3[view], keep.shape[1]
+    vis = torch.zeros(L); vis[k] = 1
+    def shown(rgb, f):                                   # [h', w', 3] with the view's hidden region grey
+        v = upsample_mask(vis, hw, f) if f > 1 else vis.view(h, w)
+        return _hide(rgb.permute(2, 0, 1), v, 0.85).permute(1, 2, 0)
+    def tokens(x):                                       # the view's n tokens [n, D]: their PCA on the grid, grey elsewhere
+        g = torch.full((L, 3), 0.85); g[k] = pca_rgb(x[None].float(), (n, 1))[0, :, 0]; return g.view(h, w, 3)
+    pca_map = lambda x: pca_rgb(x.reshape(1, -1, x.shape[-1]).float(), x.shape[:2])[0]
+    s1, s2 = x1.shape[0] // h, x2.shape[0] // h          # kernel = stride of the two fusion convolutions
+    fig, axs = plt.subplots(2, 4, figsize=(12, 6.6), dpi=72)
+    for ax, im, title in [(axs[0, 0], shown(img.permute(1, 2, 0), H // h), f'input {H} x {W} x 3\n(view {view} sees {n} of {L} patches)'),
+                          (axs[0, 1], shown(pca_map(x1), s1), f'stage 1: {x1.shape[0]} x {x1.shape[1]} x {x1.shape[2]}'),
+                          (axs[0, 2], shown(pca_map(x2), s2), f'stage 2: {x2.shape[0]} x {x2.shape[1]} x {x2.shape[2]}'),
+                          (axs[0, 3], tokens(t), f'stage 3, after its blocks:\n{n} visible tokens x {t.shape[-1]}')]:
+        ax.imshow(im.clamp(0, 1), interpolation='nearest'); ax.set_title(title, fontsize=10)
+    for ax, im, label in [(axs[1, 1], tokens(f1[k]), f'stage1_output_decode(stage 1):\nconv {s1}x{s1}, stride {s1}: {h} x {w} x {f1.shape[-1]}'),
+                          (axs[1, 2], tokens(f2[k]), f'stage2_output_decode(stage 2):\nconv {s2}x{s2}, stride {s2}: {h} x {w} x {f2.shape[-1]}'),
+                          (axs[1, 3], tokens(t + f1[k] + f2[k]), 'fused = stage 3 + both terms\n(then norm, then the decoder)')]:
+        ax.imshow(im.clamp(0, 1), interpolation='nearest'); ax.set_xlabel(label, fontsize=10)
+    for ax in [*axs[0], *axs[1, 1:]]: ax.set_xticks([]); ax.set_yticks([])
+    def arrow(a, b, xa, xb):
+        fig.add_artist(ConnectionPatch(xyA=xa, coordsA=a.transAxes, xyB=xb, coordsB=b.transAxes, arrowstyle='-|>',
+                                       mutation_scale=16, lw=1.4, color='0.3'))
+    for c in range(3): arrow(axs[0, c], axs[0, c + 1], (1.03, .5), (-.03, .5))
+    for c in (1, 2, 3): arrow(axs[0, c], axs[1, c], (.5, -.03), (.5, 1.03))
+    for c in (1, 2):
+        arrow(axs[1, c], axs[1, c + 1], (1.03, .5), (-.03, .5))
+        axs[1, c].text(1.12, .58, '+', transform=axs[1, c].transAxes, fontsize=16, ha='center')
+    parts = {'stage 3': t3, 'stage-1\nterm': f1[keep], 'stage-2\nterm': f2[keep], 'sum': t3 + f1[keep] + f2[keep]}
+    norms = [p.float().norm(dim=-1).flatten() for p in parts.values()]  # every visible token of every view
+    ax = axs[1, 0]
+    ax.bar(range(4), [v.mean() for v in norms], color=['C0', 'C1', 'C2', '0.6'], alpha=.6)
+    for i, v in enumerate(norms): ax.plot([i] * len(v), v, 'k.', ms=3)
+    ax.set_xticks(range(4), list(parts), fontsize=9); ax.tick_params(labelsize=9)
+    ax.set_title(f'L2 norm of each token\n({keep.numel()} visible tokens, {keep.shape[0]} views)', fontsize=10)
+    fig.suptitle('multi-scale fusion: stages 1 and 2 brought to the stage-3 grid and added to the visible tokens\n'
+                 f"(colours: each panel's first three principal components; grey: what view {view} does not see)", fontsize=10)
+    fig.tight_layout(h_pad=2.5, w_pad=3)
     return fig

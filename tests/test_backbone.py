@@ -2,7 +2,7 @@
 import pytest, torch, timm
 from fastconvmae.encoder import convvit_base_patch16, convvit_small_patch16, convvit_tiny_patch16
 from fastconvmae.backbone import (ConvViTBackbone, convvit_det, convvit_seg, load_backbone, window_partition,
-                                  window_unpartition, RelativePositionBias)
+                                  window_unpartition, RelativePositionBias, relative_position_index, resize_pos_embed)
 from fastconvmae.finetune import CheckpointMismatchError
 from fastconvmae.models import create_model
 
@@ -41,12 +41,16 @@ def test_det_shapes_strides_non_square(hw):
         assert v.shape[1] == f['num_chs']
         assert v.shape[-2:] == (hw[0] // f['reduction'], hw[1] // f['reduction'])
 
-def test_seg_shapes_any_crop_divisible_by_32():
+def test_seg_shapes_official_unpadded_s3():
     bb = convvit_seg('tiny', img_size=96).eval()
     assert bb.blocks3[0].ls1.gamma.eq(1).all() and isinstance(bb.fpn[1], torch.nn.BatchNorm2d)
     assert bb.blocks3[-1].drop_path1.drop_prob == pytest.approx(0.2)  # official segmentation drop path
+    assert bb.blocks3[0].norm1.eps == 1e-5 and bb.fpn[0].padding == (0, 0)   # official SEG: nn.LayerNorm default, no padding
     with torch.no_grad(): out = bb(torch.randn(2, 3, 160, 96))
-    assert [tuple(v.shape[-2:]) for v in out.values()] == [(40, 24), (20, 12), (10, 6), (5, 3)]
+    assert [tuple(v.shape[-2:]) for v in out.values()] == [(40, 24), (20, 12), (10, 6), (4, 2)]
+    assert convvit_seg('tiny', img_size=512)(torch.randn(1, 3, 512, 512))['s3'].shape[-2:] == (15, 15)  # as the official 512 px crop
+    padded = convvit_seg('tiny', img_size=96, s3_padding=1).eval()
+    with torch.no_grad(): assert padded(torch.randn(1, 3, 160, 96))['s3'].shape[-2:] == (5, 3)
     assert [v.shape[1] for v in out.values()] == [64, 96, 192, 192]
 
 def test_bad_inputs_are_clear_errors():
@@ -59,7 +63,8 @@ def test_relative_position_bias_resampled_for_other_grids():
     rpb = RelativePositionBias((4, 4), 3)
     with torch.no_grad(): rpb.relative_position_bias_table.uniform_()
     assert rpb().shape == (3, 16, 16) and rpb((6, 2)).shape == (3, 12, 12)
-    torch.testing.assert_close(rpb.table_for((4, 4)), rpb.relative_position_bias_table)
+    idx = relative_position_index(4, 4)
+    assert torch.equal(rpb(), rpb.relative_position_bias_table[idx.view(-1)].view(16, 16, 3).permute(2, 0, 1))
 
 def test_grad_checkpointing_same_gradients():
     torch.manual_seed(0)
@@ -86,8 +91,8 @@ def test_load_pretraining_checkpoint_of_this_package(tmp_path):
     sd = pre.state_dict()
     for k in ('patch_embed1.proj.weight', 'blocks1.0.attn.weight', 'blocks3.5.mlp.fc2.bias', 'patch_embed4.weight'):
         assert torch.equal(det.state_dict()[k], sd[k])
-    assert set(rep.initialised) == {'pos_embed', 'windowed_rel_pos_bias.relative_position_bias_table',
-                                    'global_rel_pos_bias.relative_position_bias_table'}
+    assert set(rep.initialised) == {'windowed_rel_pos_bias.relative_position_bias_table', 'global_rel_pos_bias.relative_position_bias_table'}
+    assert torch.equal(det.pos_embed, resize_pos_embed(sd['pos_embed'], (8, 8))) and not det.pos_embed.requires_grad
     assert any('decoder_pred.weight' in ks for ks in rep.dropped.values())
     seg = convvit_seg('tiny', img_size=128)
     load_backbone(seg, path, verbose=False)

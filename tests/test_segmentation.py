@@ -259,6 +259,9 @@ def test_layer_ids_and_groups():
     assert seg_layer_id('backbone.pos_embed', L) == 0 and seg_layer_id('backbone.blocks3.2.attn.qkv.weight', L) == 3
     assert seg_layer_id('decode_head.conv_seg.weight', L) == L + 1 and seg_layer_id('auxiliary_head.convs.0.conv.weight', L) == L + 1
     g = seg_param_groups(m, 0.75, 0.05)
+    ids = {n: lid for names, lid in zip(g.names, g.layer_ids) for n in names}
+    for i in range(L):  # official: each block's relative-position table trains in its block's layer (and is decayed)
+        assert ids[f'backbone.blocks3.{i}.attn.relative_position_bias_table'] == i + 1
     assert sum(len(p) for p in g.params) == sum(1 for p in m.parameters() if p.requires_grad)
     for names, scale, wd, lid in zip(g.names, g.lr_scales, g.wds, g.layer_ids):
         assert scale == pytest.approx(0.75 ** (L + 1 - lid))
@@ -357,3 +360,38 @@ def test_cli_user_errors(tmp_path, capsys):
         with pytest.raises(SystemExit) as e: main(*map(str, args), **kw)
         err = capsys.readouterr().err
         assert e.value.code != 0 and err.startswith('error:') and msg in err and 'Traceback' not in err, (args, kw, err)
+
+
+def _mmseg_file(model, path, classes):
+    "An mmsegmentation checkpoint of `model` with the official SEG names (gamma_1/2, persistent relative_position_index)"
+    import re
+    from fastconvmae.backbone import relative_position_index
+    sd = {re.sub(r'\.ls([12])\.gamma$', r'.gamma_\1', k): v for k, v in model.state_dict().items()}
+    assert any(k.endswith('.gamma_1') for k in sd)
+    for i in range(len(model.backbone.blocks3)):
+        sd[f'backbone.blocks3.{i}.attn.relative_position_index'] = relative_position_index(*model.backbone.grid)
+    torch.save({'meta': {'CLASSES': tuple(classes)}, 'state_dict': sd, 'optimizer': {}}, path)
+    return path
+
+
+def test_official_mmseg_checkpoint_evaluates_through_the_command(tmp_path):
+    root = make_ade(tmp_path/'d')
+    torch.manual_seed(0)
+    m = create_segmentor(replace(SEG_PRESETS['cpu'], crop=64, channels=16, aux_channels=8), 3).eval()
+    with torch.no_grad():
+        for p in m.parameters(): p.normal_(0, 0.05)   # tables and layer scales non-trivial: a wrong mapping shows
+    f = _mmseg_file(m, tmp_path/'iter_160000.pth', ['c0', 'c1', 'c2'])
+    net, rec = load_segmenter(f)
+    assert rec['num_classes'] == 3 and rec['classes'] == ['c0', 'c1', 'c2'] and rec['recipe']['crop'] == 64
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad(): assert torch.equal(net.encode_decode(x), m.encode_decode(x))
+    s_ref = evaluate_segmenter(m, root, scale=(64, 48), mode='whole')
+    r = _cli('evaluate', root, '--checkpoint', f, '--mode', 'whole')
+    assert r.returncode == 0, r.stderr
+    s = json.loads(r.stdout.strip().splitlines()[-1])
+    assert s['n_images'] == 3 and 0 <= s['mIoU'] <= 1
+    # a wrong index buffer is refused, not silently replaced
+    sd = torch.load(f)['state_dict']; sd['backbone.blocks3.0.attn.relative_position_index'] = torch.zeros(16, 16, dtype=torch.long)
+    torch.save({'state_dict': sd}, tmp_path/'bad.pth')
+    r = _cli('evaluate', root, '--checkpoint', tmp_path/'bad.pth')
+    assert r.returncode != 0 and r.stderr.startswith('error:') and 'relative-position index' in r.stderr, r.stderr
