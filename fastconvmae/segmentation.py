@@ -16,7 +16,7 @@ from torch import Tensor
 from PIL import Image
 import matplotlib.pyplot as plt
 from torchvision.transforms.v2 import functional as TF
-from fastcore.basics import store_attr
+from fastcore.basics import store_attr, noop
 from fastcore.script import Param, store_true
 from fastai.learner import Learner, Metric
 from fastai.data.core import DataLoaders
@@ -769,7 +769,8 @@ def segment(data, preset: str='cpu', checkpoint=None, output=None, resume=None, 
     seed_rank(seed)  # each process its own crops, flips and drop paths (the official seed + rank)
     learn = seg_learner(dls, model.to(device), r, output=output, cbs=cbs)
     learn.classes = classes
-    if rank or not verbose: learn.remove_cbs([cb for cb in learn.cbs if isinstance(cb, ProgressCallback)])
+    if rank or not verbose:  # no progress bar, and no raw metric lists printed in its place
+        learn.remove_cbs([cb for cb in learn.cbs if isinstance(cb, ProgressCallback)]); learn.logger = noop
     if rank == 0 and verbose:
         n = sum(p.numel() for p in model.parameters())
         print(f"UperNet on {r.arch} ({n / 1e6:.1f} M params): {len(dls.train.dataset)} train / {len(dls.valid.dataset)} val "
