@@ -18,7 +18,7 @@ from fastcore.basics import store_attr
 from fastcore.foundation import L
 from fastcore.script import Param, bool_arg, store_true
 from fastai.learner import Learner, Metric, Recorder
-from fastai.callback.core import Callback
+from fastai.callback.core import Callback, CancelTrainException
 from fastai.callback.training import GradientAccumulation, GradientClip
 from fastai.callback.schedule import ParamScheduler
 from fastai.callback.progress import ProgressCallback
@@ -32,23 +32,28 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.rpn import RPNHead
-from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead
-from torchvision.models.detection.mask_rcnn import MaskRCNNHeads
+from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from .backbone import ConvViTBackbone, convvit_det, load_backbone
 from .data import load_rgb, BadImageError, BadImageWarning, ShardedDL, image_files
 from .cli import UserError, check_args, check_output, prepare_output, run_cli, check_mode_options, call_parse_exact, cli_spec, model_size
-from .checkpoint import load_checkpoint, atomic_save
+from .checkpoint import load_checkpoint, atomic_save, CheckpointMismatchError
+from .encoder import CONVVIT_ARCHS
 from .training import (AnyDeviceMixedPrecision, nonfinite_cbs, PretrainCheckpoint, RunLog, ShardedTrainer, adamw, extra_loggers, task_learner,
                                   lr_schedule, fit_resumable, check_resume, unwrap, launch_setup, seed_rank, console_progress,
                                   isolated_rng, NonFiniteLossError)
 
 # %% auto #0
-__all__ = ['MEAN_FILL', 'STAT_NAMES', 'DETECTION_PRESETS', 'DETECT_MODES', 'find_split', 'CocoInstances', 'LargeScaleJitter',
-           'ResizePad', 'draw_instances', 'synthetic_coco', 'ConvViTFPN', 'maskrcnn_convvit', 'collate_detection',
-           'DetectionDL', 'DetectionCallback', 'detection_loss', 'DetectionRecorder', 'to_coco_results',
-           'COCOEvaluator', 'COCOMetric', 'coco_metrics', 'gt_as_predictions', 'DetectionRecipe',
-           'detection_param_groups', 'coco_dls', 'DetectionCheckpoint', 'model_args', 'detection_learner',
-           'fit_detection', 'detection_recipe', 'format_stats', 'train_detection', 'load_detector',
+__all__ = ['PAD_VALUE', 'MEAN_FILL', 'STAT_NAMES', 'COCO_100EP_ITERS', 'DETECTION_PRESETS', 'DETECT_MODES', 'find_split',
+           'CocoInstances', 'LargeScaleJitter', 'ResizePad', 'draw_instances', 'synthetic_coco', 'ConvViTFPN',
+           'paste_masks', 'DetectionTransform', 'D2AnchorGenerator', 'FP32RPNHead', 'FP32BoxPredictor',
+           'maskrcnn_convvit', 'collate_detection', 'DetectionDL', 'DetectionCallback', 'detection_loss',
+           'DetectionRecorder', 'detector_postprocess', 'to_coco_results', 'COCOEvaluator', 'COCOMetric',
+           'coco_metrics', 'gt_as_predictions', 'DetectionRecipe', 'detection_param_groups', 'coco_dls',
+           'DetectionCheckpoint', 'FP32Validation', 'model_args', 'detection_learner', 'warmup_cosine',
+           'IterationSchedule', 'train_length', 'fit_detection', 'is_detectron2', 'detectron2_to_torchvision',
+           'detectron2_model', 'detection_recipe', 'format_stats', 'train_detection', 'load_detector',
            'evaluate_detection', 'predict_detection', 'main']
 
 # %% ../nbs/10_detection.ipynb #98dac305
@@ -141,10 +146,13 @@ class CocoInstances(torch.utils.data.Dataset):
         raise BadImageError(f"{self.max_tries} images in a row from {first} could not be read" + (f"; the last problem: {last}" if last else ''))
 
 # %% ../nbs/10_detection.ipynb #7c405313
+#: the padding of large-scale jitter and evaluation: detectron2's `FixedSizeCrop(pad_value=128)`, grey in raw RGB (before normalisation)
+PAD_VALUE = 128
+#: an alternative padding (`pad_value=MEAN_FILL`): the ImageNet mean colour, zero after normalisation (not the official choice)
 MEAN_FILL = [round(255 * m) for m in IMAGENET_DEFAULT_MEAN]
 
-def _resize_pad(img, t: dict, scale: float, size: int, crop: bool) -> tuple:
-    "Resize image and targets by `scale`, random-crop (if `crop`) and pad bottom/right to `size` x `size`."
+def _resize_pad(img, t: dict, scale: float, size: int, crop: bool, pad_value=PAD_VALUE) -> tuple:
+    "Resize image and targets by `scale`, random-crop (if `crop`) and pad bottom/right to `size` x `size` (image with `pad_value`, masks with 0)."
     h, w = img.shape[-2:]
     nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
     keys = [k for k in ('boxes', 'masks') if k in t]
@@ -153,7 +161,7 @@ def _resize_pad(img, t: dict, scale: float, size: int, crop: bool) -> tuple:
     top = int(torch.randint(0, nh - size + 1, ()).item()) if crop and nh > size else 0
     left = int(torch.randint(0, nw - size + 1, ()).item()) if crop and nw > size else 0
     ch, cw = min(size, nh), min(size, nw)
-    img = TF.pad(TF.crop(img, top, left, ch, cw), [0, 0, size - cw, size - ch], fill=MEAN_FILL)
+    img = TF.pad(TF.crop(img, top, left, ch, cw), [0, 0, size - cw, size - ch], fill=pad_value)
     for k in keys: t[k] = TF.pad(TF.crop(t[k], top, left, ch, cw), [0, 0, size - cw, size - ch], fill=0)
     if 'boxes' in t: t['boxes'] = TF.clamp_bounding_boxes(t['boxes'])
     t['scale'] = torch.tensor(scale * 1.)
@@ -176,27 +184,27 @@ def _sanitize(t: dict, from_masks: bool=True, min_size: float=1.) -> dict:
     return t
 
 class LargeScaleJitter:
-    "Training augmentation: resize to fit `size` x `size` times a random scale in `scale`, random crop / pad to `size`, random flip."
-    def __init__(self, size: int=1024, scale=(0.1, 2.0), flip: float=0.5): store_attr()
+    "Training augmentation: resize to fit `size` x `size` times a random scale in `scale`, random crop / pad (`pad_value`) to `size`, random flip."
+    def __init__(self, size: int=1024, scale=(0.1, 2.0), flip: float=0.5, pad_value=PAD_VALUE): store_attr()
     def __call__(self, img, t: dict):
         h, w = img.shape[-2:]
         s = float(torch.empty(()).uniform_(*self.scale)) * min(self.size / h, self.size / w)
-        img, t = _resize_pad(img, t, s, self.size, crop=True)
+        img, t = _resize_pad(img, t, s, self.size, crop=True, pad_value=self.pad_value)
         if torch.rand(()) < self.flip:
             img = TF.horizontal_flip(img)
             for k in ('boxes', 'masks'):
                 if k in t: t[k] = TF.horizontal_flip(t[k])
         return img, _sanitize(t)
-    def __repr__(self): return f"LargeScaleJitter(size={self.size}, scale={self.scale}, flip={self.flip})"
+    def __repr__(self): return f"LargeScaleJitter(size={self.size}, scale={self.scale}, flip={self.flip}, pad_value={self.pad_value})"
 
 class ResizePad:
-    "Evaluation: resize the longer side to `size`, pad to `size` x `size` (official test mapper)."
-    def __init__(self, size: int=1024): self.size = size
+    "Evaluation: resize the longer side to `size`, pad (`pad_value`) to `size` x `size` (official test mapper)."
+    def __init__(self, size: int=1024, pad_value=PAD_VALUE): self.size, self.pad_value = size, pad_value
     def __call__(self, img, t: dict):
         h, w = img.shape[-2:]
-        img, t = _resize_pad(img, t, self.size / max(h, w), self.size, crop=False)
+        img, t = _resize_pad(img, t, self.size / max(h, w), self.size, crop=False, pad_value=self.pad_value)
         return img, _sanitize(t, from_masks=False)
-    def __repr__(self): return f"ResizePad({self.size})"
+    def __repr__(self): return f"ResizePad({self.size}, pad_value={self.pad_value})"
 
 # %% ../nbs/10_detection.ipynb #8f08b5d5
 def _colors(n: int, seed: int=0) -> np.ndarray:
@@ -267,6 +275,56 @@ class ConvViTFPN(nn.Module):
         feats = self.body(x)                                  # s0..s3 at strides 4, 8, 16, 32
         return self.fpn(OrderedDict((str(i), v) for i, v in enumerate(feats.values())))  # '0'..'3' (p2..p5) + 'pool' (p6)
 
+# %% ../nbs/10_detection.ipynb #c0d2a7e2
+def paste_masks(masks: Tensor, boxes: Tensor, hw, threshold: float|None=0.5) -> Tensor:
+    "detectron2's `paste_masks_in_image`: mask probabilities [N, M, M] resampled (`grid_sample`) into their boxes [N, 4] on an h x w image, in fp32; `>= threshold` as bool [N, h, w], or the probabilities if `threshold` is None."
+    h, w = int(hw[0]), int(hw[1])
+    masks, boxes = masks.float(), boxes.float()
+    out = torch.zeros(len(masks), h, w, dtype=torch.float32 if threshold is None else torch.bool, device=masks.device)
+    for i, b in enumerate(boxes):  # one by one within the box (+1 px), as detectron2 on the CPU: the values of a whole-image paste
+        x0, y0, x1, y1 = b.tolist()
+        if not (x1 > x0 and y1 > y0): continue
+        xa, ya, xb, yb = max(math.floor(x0) - 1, 0), max(math.floor(y0) - 1, 0), min(math.ceil(x1) + 1, w), min(math.ceil(y1) + 1, h)
+        if xb <= xa or yb <= ya: continue
+        gx = ((torch.arange(xa, xb, device=b.device, dtype=torch.float32) + 0.5) - b[0]) / (b[2] - b[0]) * 2 - 1
+        gy = ((torch.arange(ya, yb, device=b.device, dtype=torch.float32) + 0.5) - b[1]) / (b[3] - b[1]) * 2 - 1
+        grid = torch.stack([gx[None, :].expand(len(gy), -1), gy[:, None].expand(-1, len(gx))], -1)[None]
+        p = F.grid_sample(masks[i][None, None], grid, align_corners=False)[0, 0]
+        out[i, ya:yb, xa:xb] = p if threshold is None else p >= threshold
+    return out
+
+class DetectionTransform(GeneralizedRCNNTransform):
+    "torchvision's detection transform whose post-processing keeps each detection's mask probabilities [N, 1, 28, 28] (`mask_probs`) and pastes `masks` [N, 1, H, W] on the input canvas (detectron2's paste) only if `paste_masks`."
+    paste_masks = True
+    def postprocess(self, result, image_shapes, original_image_sizes):
+        if self.training: return result
+        probs = [r.pop('masks', None) for r in result]
+        result = super().postprocess(result, image_shapes, original_image_sizes)
+        for r, p, hw in zip(result, probs, original_image_sizes):
+            if p is None: continue
+            r['mask_probs'] = p
+            if self.paste_masks: r['masks'] = paste_masks(p[:, 0], r['boxes'], hw, threshold=None)[:, None]
+        return result
+
+class D2AnchorGenerator(AnchorGenerator):
+    "torchvision's anchor generator with detectron2's anchors: cell sizes not rounded to whole pixels (45.25 x 22.63, not 46 x 22) and fp32 under autocast."
+    def generate_anchors(self, scales, aspect_ratios, dtype=torch.float32, device=torch.device('cpu')) -> Tensor:
+        wh = [(math.sqrt(s * s / a), a * math.sqrt(s * s / a)) for a in aspect_ratios for s in scales]  # torchvision's order
+        return torch.tensor([[-w / 2, -h / 2, w / 2, h / 2] for w, h in wh], dtype=dtype, device=device)
+    def set_cell_anchors(self, dtype, device): super().set_cell_anchors(torch.float32, device)
+
+class FP32RPNHead(RPNHead):
+    "torchvision's RPN head with fp32 outputs: proposals are decoded in fp32 under autocast, as detectron2's `apply_deltas` does."
+    def forward(self, x):
+        logits, deltas = super().forward(x)
+        return [o.float() for o in logits], [o.float() for o in deltas]
+
+class FP32BoxPredictor(FastRCNNPredictor):
+    "torchvision's box predictor with fp32 outputs (class scores and box deltas decoded in fp32 under autocast, as detectron2)."
+    def forward(self, x):
+        scores, deltas = super().forward(x)
+        return scores.float(), deltas.float()
+
 # %% ../nbs/10_detection.ipynb #9fd88d8a
 def maskrcnn_convvit(num_classes: int, arch: str='base', img_size: int=1024, window_size: int|None=16, global_blocks=None,
                      drop_path_rate: float=0.1, grad_checkpointing: bool=False, pretrained=None, norm_layer=nn.BatchNorm2d,
@@ -278,19 +336,22 @@ def maskrcnn_convvit(num_classes: int, arch: str='base', img_size: int=1024, win
     if pretrained is not None: body.load_report = load_backbone(body, pretrained, verbose=verbose)
     backbone = ConvViTFPN(body, 256, norm_layer)
     k = img_size / 1024                                       # anchors and ROI levels follow the input size (identity at 1024)
-    anchors = AnchorGenerator(tuple((max(4, round(s * k)),) for s in (32, 64, 128, 256, 512)), ((0.5, 1.0, 2.0),) * 5)
+    anchors = D2AnchorGenerator(tuple((max(4, round(s * k)),) for s in (32, 64, 128, 256, 512)), ((0.5, 1.0, 2.0),) * 5)
     feats = ['0', '1', '2', '3']
     pool = lambda n: MultiScaleRoIAlign(feats, n, sampling_ratio=0, canonical_scale=max(16, round(224 * k)))
     model = MaskRCNN(
-        backbone, num_classes=num_classes + 1, min_size=img_size, max_size=img_size,
+        backbone, num_classes=None, min_size=img_size, max_size=img_size,
         image_mean=list(IMAGENET_DEFAULT_MEAN), image_std=list(IMAGENET_DEFAULT_STD),
-        rpn_anchor_generator=anchors, rpn_head=RPNHead(256, 3, conv_depth=2),
+        rpn_anchor_generator=anchors, rpn_head=FP32RPNHead(256, 3, conv_depth=2),
         rpn_pre_nms_top_n_train=2000, rpn_pre_nms_top_n_test=1000, rpn_post_nms_top_n_train=rpn_post_nms_top_n_train,
         rpn_post_nms_top_n_test=rpn_post_nms_top_n_test,
         box_roi_pool=pool(7), box_head=FastRCNNConvFCHead((256, 7, 7), [256] * 4, [1024], norm_layer=norm_layer),
+        box_predictor=FP32BoxPredictor(1024, num_classes + 1),
         box_batch_size_per_image=box_batch_size_per_image, box_positive_fraction=0.25, box_score_thresh=0.05,
         box_detections_per_img=box_detections_per_img,
-        mask_roi_pool=pool(14), mask_head=MaskRCNNHeads(256, [256] * 4, 1, norm_layer=norm_layer))
+        mask_roi_pool=pool(14), mask_head=MaskRCNNHeads(256, [256] * 4, 1, norm_layer=norm_layer),
+        mask_predictor=MaskRCNNPredictor(256, 256, num_classes + 1))
+    model.transform = DetectionTransform(img_size, img_size, list(IMAGENET_DEFAULT_MEAN), list(IMAGENET_DEFAULT_STD))
     model.img_size, model.num_classes = img_size, num_classes
     return model
 
@@ -337,27 +398,39 @@ class DetectionRecorder(Recorder):
 # %% ../nbs/10_detection.ipynb #9cb74a0d
 STAT_NAMES = ('AP', 'AP50', 'AP75', 'APs', 'APm', 'APl')
 
+def detector_postprocess(pred: dict, hw, canvas: int, mask_threshold: float=0.5) -> dict:
+    "ConvMAE's `detector_postprocess` (LSJ): boxes from the `canvas` x `canvas` input to the original `hw` image (times max(h, w) / canvas, clipped), detections whose box is then empty dropped, masks pasted at `hw` from the 28 x 28 probabilities (`>= mask_threshold`), all in fp32."
+    h, w = int(hw[0]), int(hw[1])
+    boxes = pred['boxes'].float() * (max(h, w) / canvas)
+    boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w); boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
+    keep = ((boxes[:, 2] - boxes[:, 0]) > 0) & ((boxes[:, 3] - boxes[:, 1]) > 0)
+    out = dict(boxes=boxes[keep], scores=pred['scores'][keep].float(), labels=pred['labels'][keep])
+    if 'mask_probs' in pred: out['masks'] = paste_masks(pred['mask_probs'][keep][:, 0], out['boxes'], (h, w), mask_threshold)
+    elif 'masks' in pred:  # masks on the input canvas (ground truth fed back, say): crop the padding, resize to h x w
+        rh, rw = max(1, round(h * canvas / max(h, w))), max(1, round(w * canvas / max(h, w)))
+        m = pred['masks'][keep].float()[:, :, :rh, :rw]
+        out['masks'] = (F.interpolate(m, size=(h, w), mode='bilinear', align_corners=False)[:, 0] > mask_threshold if len(m)
+                        else torch.zeros(0, h, w, dtype=torch.bool))
+    return out
+
 def to_coco_results(pred: dict, target: dict, cat_ids: list[int]) -> list[dict]:
-    "One image's detections (model input coordinates) as COCO result dicts in original-image coordinates."
+    "One image's detections (model input coordinates) as COCO result dicts at the original image size, through `detector_postprocess`."
     import pycocotools.mask as mask_util
     s, (h, w) = float(target['scale']), target['orig_size'].tolist()
-    boxes = (pred['boxes'].float().cpu() / s)
-    boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w); boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
+    canvas = round(s * max(h, w))                                 # `ResizePad`'s size: its scale is size / max(h, w)
+    out = detector_postprocess({k: v.detach().cpu() for k, v in pred.items()}, (h, w), canvas)
+    boxes, scores, labels = out['boxes'], out['scores'].tolist(), out['labels'].tolist()
     xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], 1).tolist()
-    scores, labels = pred['scores'].float().cpu().tolist(), pred['labels'].cpu().tolist()
     rles = [None] * len(scores)
-    if 'masks' in pred and len(scores):
-        rh, rw = max(1, round(h * s)), max(1, round(w * s))
-        m = pred['masks'][:, :, :rh, :rw].float().cpu()
-        m = (F.interpolate(m, size=(h, w), mode='bilinear', align_corners=False)[:, 0] > 0.5).numpy().astype(np.uint8)
-        rles = [mask_util.encode(np.asfortranarray(mi)) for mi in m]
+    if 'masks' in out:
+        rles = [mask_util.encode(np.asfortranarray(m[:, :, None].numpy().astype(np.uint8)))[0] for m in out['masks']]
         for r in rles: r['counts'] = r['counts'].decode('ascii')
     img_id = int(target['image_id'])
-    return [dict(image_id=img_id, category_id=cat_ids[l - 1], bbox=[round(v, 2) for v in b], score=round(sc, 5),
-                 **({'segmentation': r} if r is not None else {})) for b, sc, l, r in zip(xywh, scores, labels, rles)]
+    return [dict(image_id=img_id, category_id=cat_ids[l - 1], bbox=b, score=sc, **({'segmentation': r} if r is not None else {}))
+            for b, sc, l, r in zip(xywh, scores, labels, rles)]
 
 class COCOEvaluator:
-    "Collect detections of a `CocoInstances` set and score them with pycocotools' COCOeval (box and mask AP)."
+    "Collect detections of a `CocoInstances` set and score them with pycocotools' COCOeval (box and mask AP), as detectron2's `COCOEvaluator`."
     def __init__(self, coco_gt, cat_ids: list[int], iou_types=('bbox', 'segm')): store_attr(); self.reset()
     def reset(self): self.results, self.img_ids, self._stats = [], [], None
     def add(self, preds: list[dict], targets: list[dict]):
@@ -379,7 +452,8 @@ class COCOEvaluator:
         results, img_ids = self.gather()
         out = {}
         for iou in self.iou_types:
-            res = [r for r in results if iou == 'bbox' or 'segmentation' in r]
+            # copies (loadRes writes into them); masks without their box, so that a mask's area is its own (detectron2 does the same)
+            res = [{k: v for k, v in r.items() if iou == 'bbox' or k != 'bbox'} for r in results if iou == 'bbox' or 'segmentation' in r]
             if not res or not img_ids: out[iou] = {k: 0. for k in STAT_NAMES}; continue
             dt = _quiet(self.coco_gt.loadRes, res)
             ev = COCOeval(self.coco_gt, dt, iou)
@@ -449,15 +523,22 @@ class DetectionRecipe:
     box_batch_size_per_image: int = 64
     box_detections_per_img: int = 50
     devices: int = 1
+    max_iter: int|None = None        # set: the run's length in optimizer steps (batch bs x accum x devices), `epochs` is then nominal
+    warmup_iters: float|None = None  # warm-up steps of a `max_iter` run (None: `warmup_epochs` worth); fractional as the official 0.5 %
+    warmup_factor: float = 0.001     # a `max_iter` run warms up linearly from `warmup_factor * lr` (detectron2's WarmupParamScheduler)
+    pad_value: int|tuple = 128       # LSJ and evaluation padding, raw RGB (official grey 128; `MEAN_FILL` is the ImageNet mean)
 
+#: the official 100-epoch schedule at batch 32 (`max_iter=368750`); the 50- and 25-epoch configs take // 2 and // 4
+COCO_100EP_ITERS = 368750
 _COCO = dict(arch='base', img_size=1024, window_size=16, lr=8e-5, bs=4, precision='fp16', devices=8, warmup_epochs=0.125,
              rpn_post_nms_top_n_train=1000, rpn_post_nms_top_n_test=1000, box_batch_size_per_image=512, box_detections_per_img=100)
-DETECTION_PRESETS = dict(
-    coco_25ep=DetectionRecipe(epochs=25, **_COCO),
-    coco_50ep=DetectionRecipe(epochs=50, **_COCO),
-    coco_100ep=DetectionRecipe(epochs=100, **_COCO),
-    cpu=DetectionRecipe(),
-)
+
+def _coco(epochs: int) -> DetectionRecipe:
+    "An official schedule: `max_iter` steps of batch 32, warm-up over 0.125 % of the 100-epoch run (x 100 / epochs of the fraction)."
+    it = COCO_100EP_ITERS // (100 // epochs)
+    return DetectionRecipe(epochs=epochs, max_iter=it, warmup_iters=0.125 / 100 * (100 // epochs) * it, **_COCO)
+
+DETECTION_PRESETS = dict(coco_25ep=_coco(25), coco_50ep=_coco(50), coco_100ep=_coco(100), cpu=DetectionRecipe())
 
 def detection_param_groups(model: nn.Module, weight_decay: float=0.1) -> list[dict]:
     "Two groups as detectron2's `get_default_optimizer_params(weight_decay_norm=0)` + the official overrides: no decay on norm layers, `pos_embed`, relative-position tables."
@@ -471,11 +552,12 @@ def detection_param_groups(model: nn.Module, weight_decay: float=0.1) -> list[di
 
 # %% ../nbs/10_detection.ipynb #b441af4e
 def coco_dls(data, img_size: int=1024, bs: int=4, scale=(0.1, 2.0), train_split: str='train', valid_split: str='val',
-             num_workers: int=0, seed: int=0, rank: int=0, world_size: int=1, device=None, n_train: int|None=None) -> DataLoaders:
-    "fastai `DataLoaders` of a COCO-layout folder: LSJ training batches, resize-and-pad validation batches."
-    tr = CocoInstances(*find_split(data, train_split), tfm=LargeScaleJitter(img_size, scale), train=True)
+             num_workers: int=0, seed: int=0, rank: int=0, world_size: int=1, device=None, n_train: int|None=None,
+             pad_value=PAD_VALUE) -> DataLoaders:
+    "fastai `DataLoaders` of a COCO-layout folder: LSJ training batches, resize-and-pad validation batches (padding `pad_value`)."
+    tr = CocoInstances(*find_split(data, train_split), tfm=LargeScaleJitter(img_size, scale, pad_value=pad_value), train=True)
     if n_train and n_train < len(tr): tr.ids = tr.ids[:n_train]; tr.skips = tr.skips[:n_train]
-    va = CocoInstances(*find_split(data, valid_split), tfm=ResizePad(img_size))
+    va = CocoInstances(*find_split(data, valid_split), tfm=ResizePad(img_size, pad_value))
     if tr.cat_ids != va.cat_ids: raise UserError(f"the {train_split} and {valid_split} splits of {data} have different categories")
     kw = dict(num_workers=num_workers, seed=seed, rank=rank, world_size=world_size, device=device)
     return DataLoaders(DetectionDL(tr, bs=bs, shuffle=True, drop_last=len(tr) >= 2 * bs, **kw),
@@ -488,6 +570,20 @@ class DetectionCheckpoint(PretrainCheckpoint):
     def state(self, rngs): return {**super().state(rngs), 'categories': self.categories}
 
 def _categories(ds: CocoInstances) -> list[dict]: return [dict(id=c, name=ds.coco.cats[c]['name']) for c in ds.cat_ids]
+
+class FP32Validation(Callback):
+    "Validation as the official evaluation: no autocast (fp32 even when training in bf16 / fp16), no mask pasting on the input canvas (the evaluator pastes at the original size)."
+    order = 11  # before_batch after MixedPrecision (10) has entered its autocast; after_pred leaves ours before it leaves its own
+    def __init__(self): self.ac = None
+    def before_validate(self):
+        self.tf = unwrap(self.model).transform
+        self.paste, self.tf.paste_masks, self.ac = self.tf.paste_masks, False, None
+    def before_batch(self):
+        if self.training: return
+        self.ac = torch.autocast(next(self.model.parameters()).device.type, enabled=False); self.ac.__enter__()
+    def after_pred(self):
+        if self.ac is not None: self.ac.__exit__(None, None, None); self.ac = None
+    def after_validate(self): self.tf.paste_masks = self.paste
 
 def model_args(r: DetectionRecipe) -> dict:
     "The `maskrcnn_convvit` arguments a recipe sets besides size and window."
@@ -509,28 +605,148 @@ def detection_learner(dls: DataLoaders, recipe: DetectionRecipe|None=None, model
                          clip=r.clip, output=output, log='log.csv' if log else None, cbs=[*(cbs or []), DetectionCallback()],
                          checkpoint=DetectionCheckpoint(output, save_every, recipe=r, categories=_categories(tr)) if save_every else None,
                          splitter=partial(detection_param_groups, weight_decay=r.weight_decay), metrics=coco_metrics(dls.valid.dataset),
-                         sync_bn=True)  # SyncBN is GPU-only: the builder turns it on only there
+                         after=[FP32Validation()], sync_bn=True)  # SyncBN is GPU-only: the builder turns it on only there
     learn.remove_cb(Recorder); learn.add_cb(DetectionRecorder())
     if r.precision != 'fp32': learn.model.to(memory_format=torch.channels_last)  # bf16/fp16 convolutions are much faster channels-last
     learn.recipe, learn.eff_bs = r, dls.train.bs * r.accum * world
     return learn
 
+def warmup_cosine(lr: float, warmup: float, warmup_factor: float=0.001, min_lr: float=0.):
+    "detectron2's `WarmupParamScheduler(CosineParamScheduler(lr, min_lr), warmup_factor, warmup)` as a function of the fraction `where` of training done: linear from `warmup_factor * lr` to the cosine's value at `warmup`, then the cosine of the whole run."
+    cos = lambda t: min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * t))
+    start, end = warmup_factor * cos(0.), cos(warmup)
+    def sched(where: float) -> float:
+        if where + 1e-6 <= warmup: return end * (where / warmup) + start * (1 - where / warmup)  # fvcore's composite, eps 1e-6
+        return cos(where)
+    return sched
+
+class IterationSchedule(Callback):
+    "detectron2's `LRMultiplier`: optimizer step `k` (of `accum` batches each) takes lr `sched(k / max_iter)`; training stops after `max_iter` steps."
+    order, run_valid = 5, False  # before gradient accumulation (6) and mixed precision (10): stopping leaves no autocast open
+    def __init__(self, sched, max_iter: int, accum: int=1): store_attr()
+    def before_fit(self): self.hps, self.done = {'lr': []}, False
+    def before_batch(self):
+        b = self.epoch * self.n_iter + self.iter                          # batches done: exact on resume (whole epochs)
+        if b >= self.max_iter * self.accum:                               # the last epoch ends here, then validation and checkpoint
+            self.done = True; raise CancelTrainException()
+        self.opt.set_hyper('lr', self.sched(b // self.accum / self.max_iter))
+    def after_batch(self): self.hps['lr'].append(self.opt.hypers[-1]['lr'])
+    def after_train(self):  # before the Recorder (50) logs the epoch: the end of training is no cancelled epoch, its loss is logged
+        if self.done and hasattr(self.learn, 'recorder'): self.recorder.cancel_train = False
+    def after_fit(self):
+        if hasattr(self.learn, 'recorder'): self.recorder.hps = self.hps
+
+def train_length(r: DetectionRecipe, n_iter: int) -> tuple[int, str]:
+    "`(epochs, description)` of a recipe with `n_iter` batches per epoch: `r.epochs`, or the epochs `r.max_iter` steps of `r.accum` batches take."
+    if r.max_iter is None: return r.epochs, f"{r.epochs} epochs"
+    epochs = math.ceil(r.max_iter * r.accum / n_iter)
+    return epochs, f"{r.max_iter} iterations ({epochs} epochs of {n_iter / r.accum:g})"
+
 def fit_detection(learn: Learner, resume=None) -> Learner:
-    "Train for the recipe's epochs (warm-up, then cosine, per iteration), continuing `resume` exactly if given: the engine's one resumable fit"
+    "Train for the recipe's epochs (warm-up then cosine, per batch), or its `max_iter` steps (detectron2's schedule), continuing `resume` exactly if given: the engine's one resumable fit"
     r = learn.recipe
-    sched = ParamScheduler({'lr': lr_schedule(learn.lr, r.epochs, r.warmup_epochs, r.min_lr)})
-    return fit_resumable(learn, r.epochs, [sched], resume, check=lambda ck: check_resume(ck, r, r.epochs, path=resume))
+    epochs, _ = train_length(r, len(learn.dls.train))
+    if r.max_iter is None: sched = ParamScheduler({'lr': lr_schedule(learn.lr, r.epochs, r.warmup_epochs, r.min_lr)})
+    else:
+        warm = r.warmup_iters if r.warmup_iters is not None else r.warmup_epochs * len(learn.dls.train) / r.accum
+        sched = IterationSchedule(warmup_cosine(learn.lr, min(warm / r.max_iter, 1.), r.warmup_factor, r.min_lr), r.max_iter, r.accum)
+    return fit_resumable(learn, epochs, [sched], resume, check=lambda ck: check_resume(ck, r, epochs, path=resume))
+
+# %% ../nbs/10_detection.ipynb #d2c0a002
+_D2_RENAMES = [  # (detectron2 key pattern, torchvision key template): section 3 of the research notes, one row each
+    (r'backbone\.fpn_lateral([2-5])\.weight', 'backbone.fpn.inner_blocks.{l}.0.weight'),
+    (r'backbone\.fpn_lateral([2-5])\.norm\.(\w+)', 'backbone.fpn.inner_blocks.{l}.1.{p}'),
+    (r'backbone\.fpn_output([2-5])\.weight', 'backbone.fpn.layer_blocks.{l}.0.weight'),
+    (r'backbone\.fpn_output([2-5])\.norm\.(\w+)', 'backbone.fpn.layer_blocks.{l}.1.{p}'),
+    (r'proposal_generator\.rpn_head\.conv\.conv(\d+)\.(weight|bias)', 'rpn.head.conv.{i}.0.{p}'),
+    (r'proposal_generator\.rpn_head\.objectness_logits\.(weight|bias)', 'rpn.head.cls_logits.{q}'),
+    (r'proposal_generator\.rpn_head\.anchor_deltas\.(weight|bias)', 'rpn.head.bbox_pred.{q}'),
+    (r'roi_heads\.box_head\.conv(\d+)\.weight', 'roi_heads.box_head.{j}.0.weight'),
+    (r'roi_heads\.box_head\.conv(\d+)\.norm\.(\w+)', 'roi_heads.box_head.{j}.1.{p}'),
+    (r'roi_heads\.box_head\.fc(\d+)\.(weight|bias)', 'roi_heads.box_head.{fc}.{p}'),
+    (r'roi_heads\.box_predictor\.(cls_score|bbox_pred)\.(weight|bias)', 'roi_heads.box_predictor.{q}.{p}'),
+    (r'roi_heads\.mask_head\.mask_fcn(\d+)\.weight', 'roi_heads.mask_head.{j}.0.weight'),
+    (r'roi_heads\.mask_head\.mask_fcn(\d+)\.norm\.(\w+)', 'roi_heads.mask_head.{j}.1.{p}'),
+    (r'roi_heads\.mask_head\.deconv\.(weight|bias)', 'roi_heads.mask_predictor.conv5_mask.{q}'),
+    (r'roi_heads\.mask_head\.predictor\.(weight|bias)', 'roi_heads.mask_predictor.mask_fcn_logits.{q}')]
+
+def is_detectron2(sd) -> bool:
+    "Whether `sd` (or its `'model'`) is a detectron2 ConvMAE detector: a `backbone.bottom_up.*` backbone and `roi_heads.*`."
+    sd = sd.get('model', sd) if isinstance(sd, dict) else sd
+    return isinstance(sd, dict) and any(str(k).startswith('backbone.bottom_up.') for k in sd) and any(str(k).startswith('roi_heads.') for k in sd)
+
+def detectron2_to_torchvision(sd: dict) -> dict:
+    "A detectron2 ConvMAE Mask R-CNN state dict (`{'model': {...}}` or the dict itself) under `maskrcnn_convvit`'s names: background class moved first, zero background rows added, `relative_position_index` buffers dropped (recomputed); any other key it cannot place is an error naming it."
+    import re
+    sd = sd['model'] if isinstance(sd.get('model'), dict) else sd
+    K = sd['roi_heads.box_predictor.cls_score.weight'].shape[0] - 1          # foreground classes; background is d2's last row
+    n_conv = sum(bool(re.fullmatch(r'roi_heads\.box_head\.conv\d+\.weight', k)) for k in sd)
+    out, unknown = {}, []
+    for k, v in sd.items():
+        if k.startswith('backbone.bottom_up.'):
+            if not k.endswith('.relative_position_index'): out['backbone.body.' + k[len('backbone.bottom_up.'):]] = v
+            continue
+        for pat, tpl in _D2_RENAMES:
+            m = re.fullmatch(pat, k)
+            if m is None: continue
+            g = m.groups()
+            n = int(g[0]) if g[0].isdigit() else 0
+            new = tpl.format(l=n - 2, i=n, j=n - 1, fc=n_conv + 1 + 2 * (n - 1), q=g[0], p=g[-1])
+            if k.startswith('roi_heads.box_predictor.cls_score.'): v = torch.cat([v[K:], v[:K]])  # class i -> label i + 1
+            elif k.startswith(('roi_heads.box_predictor.bbox_pred.', 'roi_heads.mask_head.predictor.')):
+                v = torch.cat([v.new_zeros((4 if 'bbox_pred' in k else 1, *v.shape[1:])), v])  # background rows: never used
+            out[new] = v
+            break
+        else: unknown.append(k)
+    if unknown:
+        raise CheckpointMismatchError(f"{len(unknown)} detectron2 keys have no place in this package's Mask R-CNN: {', '.join(unknown[:8])}"
+                                      + (' ...' if len(unknown) > 8 else ''))
+    return out
+
+def detectron2_model(sd: dict, **kwargs) -> MaskRCNN:
+    "`maskrcnn_convvit` of the size a converted detectron2 state dict `sd` holds (widths, depths, heads, MLP ratios, input size from the global table, window from the windowed one, classes), loaded strictly; `kwargs` go to `maskrcnn_convvit`."
+    b = {k[len('backbone.body.'):]: v for k, v in sd.items() if k.startswith('backbone.body.')}
+    embed_dim = tuple(b[f'patch_embed{i}.proj.weight'].shape[0] for i in (1, 2, 3))
+    patch_size = tuple(b[f'patch_embed{i}.proj.weight'].shape[-1] for i in (1, 2, 3))
+    depth = tuple(1 + max(int(k.split('.')[1]) for k in b if k.startswith(f'blocks{i}.')) for i in (1, 2, 3))
+    mlp_ratio = tuple(b[f'blocks{i}.0.mlp.fc1.weight'].shape[0] / e for i, e in zip((1, 2, 3), embed_dim))
+    side = lambda t: (math.isqrt(t.shape[0]) + 1) // 2                      # a (2s - 1)^2 table covers an s x s window
+    table = b['global_rel_pos_bias.relative_position_bias_table']
+    num_heads, img_size = table.shape[1], side(table) * math.prod(patch_size)
+    win = b.get('windowed_rel_pos_bias.relative_position_bias_table')
+    arch = next((a for a, c in CONVVIT_ARCHS.items() if tuple(c['embed_dim']) == embed_dim and tuple(c['depth']) == depth
+                 and c['num_heads'] == num_heads), 'base')
+    K = sd['roi_heads.box_predictor.cls_score.weight'].shape[0] - 1
+    model = maskrcnn_convvit(K, arch, img_size, side(win) if win is not None else None, verbose=False,
+                             **{**dict(drop_path_rate=0., embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
+                                       patch_size=patch_size), **kwargs})
+    own = model.state_dict()
+    sd = {**{k: torch.zeros_like(v) for k, v in own.items() if k.endswith('num_batches_tracked') and k not in sd}, **sd}
+    missing, unexpected = [k for k in own if k not in sd], [k for k in sd if k not in own]
+    shapes = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in sd if k in own and sd[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        raise CheckpointMismatchError(f"the detectron2 checkpoint does not fit the Mask R-CNN it describes: {len(missing)} missing "
+                                      f"({', '.join(missing[:4])}), {len(unexpected)} unexpected ({', '.join(unexpected[:4])}), "
+                                      f"{len(shapes)} of another shape ({'; '.join(shapes[:2])})")
+    model.load_state_dict(sd)
+    model.arch = arch if (embed_dim, depth) == (tuple(CONVVIT_ARCHS[arch]['embed_dim']), tuple(CONVVIT_ARCHS[arch]['depth'])) else \
+        f"embed_dim={embed_dim}, depth={depth}, num_heads={num_heads}"
+    return model
 
 # %% ../nbs/10_detection.ipynb #27a3655e
 def detection_recipe(preset: str='cpu', **overrides) -> DetectionRecipe:
     "The recipe of `preset` with the non-None `overrides`."
     if preset not in DETECTION_PRESETS: raise UserError(f"unknown preset {preset!r}; choose one of {', '.join(DETECTION_PRESETS)}")
     known = {f.name for f in fields(DetectionRecipe)}
-    return replace(DETECTION_PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None and k in known})
+    ov = {k: v for k, v in overrides.items() if v is not None and k in known}
+    if 'epochs' in ov and 'max_iter' not in ov: ov.update(max_iter=None, warmup_iters=None)  # an epoch count given: counted in epochs
+    return replace(DETECTION_PRESETS[preset], **ov)
 
 def _check_recipe(r: DetectionRecipe):
     check_args(img_size=(r.img_size, 'img_size'), epochs=(r.epochs, 'pos_int'), bs=(r.bs, 'pos_int'), lr=(r.lr, 'pos'),
-               accum=(r.accum, 'pos_int'), warmup_epochs=(r.warmup_epochs, 'nonneg'), drop_path_rate=(r.drop_path_rate, 'unit'))
+               accum=(r.accum, 'pos_int'), warmup_epochs=(r.warmup_epochs, 'nonneg'), drop_path_rate=(r.drop_path_rate, 'unit'),
+               **({'max_iter': (r.max_iter, 'pos_int')} if r.max_iter is not None else {}),
+               **({'warmup_iters': (r.warmup_iters, 'nonneg')} if r.warmup_iters is not None else {}))
     if r.window_size is not None and (r.img_size // 16) % r.window_size:
         raise UserError(f"--window_size {r.window_size} must divide the stage-3 grid {r.img_size // 16} of --img_size {r.img_size}")
     if r.img_size % 32: raise UserError(f"--img_size must be a multiple of 32 (FPN levels), got {r.img_size}")
@@ -550,7 +766,7 @@ def train_detection(data, preset: str='cpu', output='runs/detect', pretrained=No
     check_output(output, resume, overwrite)  # refuse a folder holding another run, touching nothing yet
     rank, world, device = launch_setup(seed, device)
     loggers = extra_loggers(output, tensorboard, wandb) if rank == 0 else []  # a missing package stops here
-    dls = coco_dls(data, r.img_size, r.bs, r.scale, train_split, valid_split, workers, seed, rank, world, device, n_train)
+    dls = coco_dls(data, r.img_size, r.bs, r.scale, train_split, valid_split, workers, seed, rank, world, device, n_train, r.pad_value)
     if pretrained is not None and resume is None:  # any layout the fine-tuning chapter reads (official files carry argparse args)
         pretrained = load_checkpoint(pretrained, trusted=trusted)
     output = prepare_output(output, resume, overwrite)  # every input checked: now the folder
@@ -560,7 +776,7 @@ def train_detection(data, preset: str='cpu', output='runs/detect', pretrained=No
     if rank == 0:
         n = sum(p.numel() for p in learn.model.parameters())
         print(f"Mask R-CNN ConvViT-{r.arch} {r.img_size} px: {n / 1e6:.1f} M params; {len(dls.train.dataset)} train / "
-              f"{len(dls.valid.dataset)} val images, {len(dls.train.dataset.cat_ids)} classes; {r.epochs} epochs; batch "
+              f"{len(dls.valid.dataset)} val images, {len(dls.train.dataset.cat_ids)} classes; {train_length(r, len(dls.train))[1]}; batch "
               f"{r.bs} x {r.accum} x {world}; lr {r.lr:.1e}; {r.precision} on {device}", flush=True)
     t0 = time.time()
     fit_detection(learn, resume)
@@ -568,14 +784,20 @@ def train_detection(data, preset: str='cpu', output='runs/detect', pretrained=No
     if rank == 0:
         stats = ev.stats()
         ev.save(output / f'results_{valid_split}.json')
-        (output / 'metrics.json').write_text(json.dumps(dict(stats=stats, recipe=asdict(r), epochs=r.epochs, train_seconds=time.time() - t0,
+        (output / 'metrics.json').write_text(json.dumps(dict(stats=stats, recipe=asdict(r), epochs=train_length(r, len(dls.train))[0],
+                                                             max_iter=r.max_iter, train_seconds=time.time() - t0,
                                                              skipped=dls.train.dataset.n_skipped + dls.valid.dataset.n_skipped), indent=1))
         print(format_stats(stats))
     return learn
 
-def load_detector(checkpoint, trusted: bool=False) -> tuple[MaskRCNN, DetectionRecipe, list[dict]]:
-    "`(model, recipe, categories)` from a checkpoint written by `train_detection` (or `save_detector`)."
+def load_detector(checkpoint, trusted: bool=False) -> tuple[MaskRCNN, DetectionRecipe, list[dict]|None]:
+    "`(model, recipe, categories)` from a checkpoint written by `train_detection`, or from a detectron2 ConvMAE Mask R-CNN (`model_final.pth`; recognised by its keys): then the official test settings and categories None (detectron2 stores no names)."
     ck = load_checkpoint(checkpoint) if not trusted else torch.load(checkpoint, map_location='cpu', weights_only=False)
+    if is_detectron2(ck):
+        model = detectron2_model(detectron2_to_torchvision(ck))
+        r = replace(DETECTION_PRESETS['coco_25ep'], arch=model.arch, img_size=model.img_size, precision='fp32', drop_path_rate=0.,
+                    window_size=model.backbone.body.window_size)
+        return model.eval(), r, None
     if not isinstance(ck, dict) or 'categories' not in ck or 'recipe' not in ck:
         raise UserError(f"{checkpoint} is not a detection checkpoint of this package (no 'categories' / 'recipe')")
     known = {f.name for f in fields(DetectionRecipe)}
@@ -593,12 +815,16 @@ def evaluate_detection(checkpoint, data, split: str='val', output=None, bs: int|
     if output is not None: check_output(output, overwrite=overwrite, products=(f'results_{split}.json', f'metrics_{split}.json'))
     model, r, cats = load_detector(checkpoint, trusted)
     device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
-    ds = CocoInstances(*find_split(data, split), tfm=ResizePad(r.img_size))
+    ds = CocoInstances(*find_split(data, split), tfm=ResizePad(r.img_size, r.pad_value))
+    if cats is None:  # detectron2: class i is the i-th category id in sorted order (its contiguous ids), so only the count can be checked
+        if len(ds.cat_ids) != model.num_classes:
+            raise UserError(f"{checkpoint} detects {model.num_classes} classes, {split} of {data} has {len(ds.cat_ids)} categories")
+        cats = _categories(ds)
     if ds.cat_ids != [c['id'] for c in cats]:
         raise UserError(f"{checkpoint} was trained on categories {[c['name'] for c in cats][:5]}..., {split} of {data} has {ds.classes[:5]}...")
     ev = COCOEvaluator(ds.coco, ds.cat_ids)
-    model.to(device)
-    prec = precision or r.precision
+    model.to(device); model.transform.paste_masks = False  # masks are pasted at the original size by the evaluator
+    prec = precision or 'fp32'                             # as the official evaluation: no autocast, whatever training used
     ac = torch.autocast(device.type, dtype={'bf16': torch.bfloat16, 'fp16': torch.float16}[prec]) if prec != 'fp32' else contextlib.nullcontext()
     dl = DetectionDL(ds, bs=bs or r.bs, shuffle=False)
     for imgs, _, tgts in dl:
@@ -619,10 +845,11 @@ def predict_detection(checkpoint, images, output='predictions', score_thresh: fl
     files = image_files(images)[:max_images]
     check_output(output, overwrite=overwrite, products={f'{f.stem}_pred.png' for f in files})  # before the folder is touched
     device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
-    model.to(device)
-    names, out, saved = [c['name'] for c in cats], Path(output), []
+    model.to(device); model.transform.paste_masks = False
+    names = [c['name'] for c in cats] if cats is not None else [f'class {i + 1}' for i in range(model.num_classes)]
+    out, saved = Path(output), []
     out.mkdir(parents=True, exist_ok=True)
-    tfm = ResizePad(r.img_size)
+    tfm = ResizePad(r.img_size, r.pad_value)
     for f in files:
         try: pil = load_rgb(f)
         except BadImageError as e: warnings.warn(f"skipping unreadable image: {e}", BadImageWarning); continue
@@ -630,12 +857,11 @@ def predict_detection(checkpoint, images, output='predictions', score_thresh: fl
         t = dict(boxes=tv_tensors.BoundingBoxes(torch.zeros(0, 4), format='XYXY', canvas_size=(h, w)), labels=torch.zeros(0, dtype=torch.int64))
         x, t = tfm(img, t)
         p = model([TF.to_dtype(x, torch.float32, scale=True).as_subclass(Tensor).to(device)])[0]
-        s = float(t['scale']); rh, rw = round(h * s), round(w * s)
-        masks = F.interpolate(p['masks'][:, :, :rh, :rw].float().cpu(), size=(h, w), mode='bilinear')[:, 0] if len(p['masks']) else None
+        p = detector_postprocess({k: v.cpu() for k, v in p.items()}, (h, w), r.img_size)  # at the photo's size, as evaluated
         fig, ax = plt.subplots(figsize=(8, 8 * h / w), dpi=100)
         keep = p['scores'] >= score_thresh
-        draw_instances(ax, TF.to_dtype(img, torch.float32, scale=True), p['boxes'].cpu() / s, masks, p['labels'].cpu(),
-                       p['scores'].cpu(), names, score_thresh=score_thresh, title=f"{f.name}: {int(keep.sum())} detections >= {score_thresh}")
+        draw_instances(ax, TF.to_dtype(img, torch.float32, scale=True), p['boxes'], p['masks'] if len(p['masks']) else None, p['labels'],
+                       p['scores'], names, score_thresh=score_thresh, title=f"{f.name}: {int(keep.sum())} detections >= {score_thresh}")
         fig.tight_layout(); fig.savefig(out / f'{f.stem}_pred.png'); plt.close(fig)
         saved.append(out / f'{f.stem}_pred.png')
     return saved
@@ -643,7 +869,8 @@ def predict_detection(checkpoint, images, output='predictions', score_thresh: fl
 # %% ../nbs/10_detection.ipynb #cfcb03df
 #: the options of each mode of `fastconvmae_detect` (any other is refused)
 DETECT_MODES = {
-    'train': {'data', 'preset', 'arch', 'img_size', 'window_size', 'epochs', 'warmup_epochs', 'bs', 'lr', 'accum', 'precision',
+    'train': {'data', 'preset', 'arch', 'img_size', 'window_size', 'epochs', 'warmup_epochs', 'max_iter', 'warmup_iters', 'bs', 'lr',
+              'accum', 'precision',
               'grad_checkpointing', 'pretrained', 'resume', 'output', 'n_train', 'workers', 'seed', 'overwrite', 'trusted', 'device',
               'tensorboard', 'wandb'},
     'evaluate': {'checkpoint', 'data', 'split', 'output', 'bs', 'precision', 'overwrite', 'trusted', 'device'},
@@ -689,7 +916,7 @@ _OPTS = {m: {'model' if o == 'arch' else o for o in opts} - {'data', 'images'} f
           renamed=dict(data='data', images='images', arch='model'), hints=_DETECT_HINTS, about=_DETECT_ABOUT)  # old names still work
 def main(mode: Param("train, evaluate or predict", str),
          data: Param("COCO-layout folder (split/ and annotations/instances_split.json)", str)=None,
-         checkpoint: Param("detection checkpoint (evaluate, predict)", str)=None,
+         checkpoint: Param("detection checkpoint (evaluate, predict): this package's, or a detectron2 ConvMAE model_final.pth", str)=None,
          images: Param("image file or folder (predict)", str)=None,
          preset: Param("recipe: cpu, coco_25ep, coco_50ep or coco_100ep (default cpu)", str)=None,
          model: Param("backbone: tiny, small or base (or convvit_base_patch16, ...)", str)=None,
@@ -697,10 +924,12 @@ def main(mode: Param("train, evaluate or predict", str),
          window_size: Param("stage-3 attention window in tokens", int)=None,
          epochs: Param("epochs", int)=None,
          warmup_epochs: Param("warm-up epochs", float)=None,
+         max_iter: Param("training length in optimizer steps, detectron2's schedule (coco presets: 92187, 184375, 368750); --epochs counts in epochs instead", int)=None,
+         warmup_iters: Param("warm-up steps of a --max_iter run (coco presets: 461)", float)=None,
          bs: Param("batch size per device", int)=None,
          lr: Param("learning rate", float)=None,
          accum: Param("gradient accumulation steps", int)=None,
-         precision: Param("fp32, bf16 or fp16", str)=None,
+         precision: Param("fp32, bf16 or fp16 (train: the preset's; evaluate: fp32 as the official evaluation)", str)=None,
          grad_checkpointing: Param("activation checkpointing of stage 3", store_true)=False,
          pretrained: Param("pretraining (or fine-tuning) checkpoint for the backbone", str)=None,
          resume: Param("checkpoint-latest.pth of a run to continue", str)=None,
@@ -719,6 +948,7 @@ def main(mode: Param("train, evaluate or predict", str),
     "Mask R-CNN on ConvViT: train (fine-tune on a COCO-format set), evaluate (COCO box/mask AP), predict (figures)."
     run_cli(_main, mode, data=data, checkpoint=checkpoint, images=images, output=output, pretrained=pretrained, resume=resume,
             split=split, score_thresh=score_thresh, trusted=trusted, overwrite=overwrite, debug=debug, preset=preset, arch=model_size(model),
-            img_size=img_size, window_size=window_size, epochs=epochs, warmup_epochs=warmup_epochs, lr=lr, accum=accum,
+            img_size=img_size, window_size=window_size, epochs=epochs, warmup_epochs=warmup_epochs, max_iter=max_iter,
+            warmup_iters=warmup_iters, lr=lr, accum=accum,
             grad_checkpointing=grad_checkpointing, n_train=n_train, workers=workers, seed=seed, bs=bs, precision=precision, device=device,
             tensorboard=tensorboard, wandb=wandb)

@@ -1,5 +1,5 @@
 "Mask R-CNN on ConvViT: COCO data with LSJ, the model, COCO evaluation, training with resume, and the command line."
-import json, os, subprocess, sys, warnings
+import json, math, os, subprocess, sys, warnings
 from pathlib import Path
 import pytest, torch
 from torchvision.ops import masks_to_boxes
@@ -188,3 +188,254 @@ def test_image_whose_size_differs_from_its_annotations_is_skipped(tmp_path):
     with pytest.warns(BadImageWarning, match=rf"{f.name} is {im.width // 2} x {im.height} but its annotations give {im.width} x {im.height}"):
         img, t = ds[0]
     assert int(t['image_id']) == ds.ids[1] and ds.n_skipped == 1
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Issue 22: the official detector by default (padding, evaluation, schedule), detectron2 checkpoints, a detector that learns
+
+def _d2_paste(masks, boxes, h, w):
+    "detectron2 v0.6 `_do_paste_mask(skip_empty=False)` (layers/mask_ops.py), transcribed: grid_sample at pixel centres"
+    x0, y0, x1, y1 = torch.split(boxes, 1, dim=1)
+    img_y = (torch.arange(0, h, dtype=torch.float32) + 0.5 - y0) / (y1 - y0) * 2 - 1
+    img_x = (torch.arange(0, w, dtype=torch.float32) + 0.5 - x0) / (x1 - x0) * 2 - 1
+    N = len(masks)
+    gx, gy = img_x[:, None, :].expand(N, h, w), img_y[:, :, None].expand(N, h, w)
+    return torch.nn.functional.grid_sample(masks[:, None], torch.stack([gx, gy], dim=3), align_corners=False)[:, 0]
+
+def test_paste_masks_is_detectron2s():
+    from fastconvmae.detection import paste_masks
+    g = torch.Generator().manual_seed(0)
+    h, w, n = 61, 83, 12
+    masks = torch.rand(n, 28, 28, generator=g)
+    xy = torch.rand(n, 2, generator=g) * torch.tensor([w, h]) - 5           # some boxes cross the image border
+    boxes = torch.cat([xy, xy + torch.rand(n, 2, generator=g) * 40 + 2], 1)
+    ref = _d2_paste(masks, boxes, h, w)
+    torch.testing.assert_close(paste_masks(masks, boxes, (h, w), threshold=None), ref, atol=1e-6, rtol=0)
+    assert torch.equal(paste_masks(masks, boxes, (h, w)), ref >= 0.5)       # threshold >= 0.5, as detectron2
+
+def test_postprocess_at_original_size():
+    "Boxes times max(h, w) / canvas, clipped; a detection whose clipped box is empty is dropped (detectron2's `nonempty`); masks pasted at h x w."
+    from fastconvmae.detection import detector_postprocess
+    pred = dict(boxes=torch.tensor([[10., 20., 50., 60.], [10., 90., 50., 120.], [90., 5., 140., 40.]]), scores=torch.tensor([.9, .8, .7]),
+                labels=torch.tensor([1, 2, 1]), mask_probs=torch.rand(3, 1, 28, 28))
+    out = detector_postprocess(pred, (60, 100), canvas=128)                  # a 100 x 60 photo shown as 128 x 77 on a 128 canvas
+    k = 100 / 128
+    assert len(out['boxes']) == 2 and out['labels'].tolist() == [1, 1]       # the box wholly in the padding (y > 60 * 1.28) is gone
+    torch.testing.assert_close(out['boxes'][0], torch.tensor([10., 20., 50., 60.]) * k)
+    torch.testing.assert_close(out['boxes'][1], torch.tensor([90 * k, 5 * k, 100., 40 * k]))  # clipped to the photo
+    assert out['masks'].shape == (2, 60, 100) and out['masks'].dtype == torch.bool
+    assert torch.equal(out['masks'], _d2_paste(pred['mask_probs'][[0, 2], 0], out['boxes'], 60, 100) >= 0.5)
+
+def test_padding_is_grey_128(syn):
+    from fastconvmae.detection import PAD_VALUE, MEAN_FILL
+    assert PAD_VALUE == 128
+    ds = CocoInstances(*find_split(syn, 'val'), tfm=ResizePad(256))          # 128 x 96 photos: the bottom quarter is padding
+    img, t = ds[0]
+    assert img.shape == (3, 256, 256) and torch.all(img[:, 192:] == 128 / 255)
+    torch.manual_seed(0)
+    img, t = CocoInstances(*find_split(syn, 'train'), tfm=LargeScaleJitter(256, scale=(0.3, 0.3), flip=0.), train=True)[0]
+    assert torch.all(img[:, 100:] == 128 / 255) and torch.all(img[:, :, 100:] == 128 / 255)
+    img, _ = CocoInstances(*find_split(syn, 'val'), tfm=ResizePad(256, pad_value=MEAN_FILL))[0]   # the documented alternative
+    assert torch.allclose(img[:, 200, 0], torch.tensor(MEAN_FILL) / 255)
+
+def _fvcore_multiplier(where, warmup, factor=0.001):
+    "fvcore CompositeParamScheduler([Linear(factor * cos(0), cos(warmup)), Cosine(1, 0)], ['rescaled', 'fixed']), written out"
+    import math
+    cos = lambda t: 0. + 0.5 * (1. - 0.) * (1 + math.cos(math.pi * t))
+    if where + 1e-6 > warmup: return cos(where)
+    r = where / warmup
+    return cos(warmup) * r + factor * cos(0) * (1 - r)
+
+def test_coco_presets_count_official_iterations():
+    from fastconvmae.detection import DETECTION_PRESETS, warmup_cosine, detection_recipe
+    for name, it in (('coco_25ep', 92187), ('coco_50ep', 184375), ('coco_100ep', 368750)):
+        r = DETECTION_PRESETS[name]
+        assert r.max_iter == it and r.bs * r.devices == 32 and r.warmup_factor == 0.001
+        assert 460 < r.warmup_iters < 461
+        f = warmup_cosine(1., r.warmup_iters / r.max_iter, r.warmup_factor)
+        for i in (0, 1, 200, 459, 460, 461, 462, it // 2, it - 1):
+            assert f(i / it) == pytest.approx(_fvcore_multiplier(i / it, r.warmup_iters / r.max_iter), rel=1e-12, abs=1e-15), (name, i)
+        assert f(0.) == pytest.approx(0.001) and f(460 / it) < f(461 / it) and f((it - 1) / it) < 1e-8
+    r = detection_recipe('coco_25ep', epochs=3)                             # an epoch count given: the run is counted in epochs
+    assert r.max_iter is None and r.epochs == 3
+    assert detection_recipe('cpu', max_iter=10).max_iter == 10
+
+def _iter_learner(root, out, max_iter=3):
+    r = DetectionRecipe(arch='tiny', img_size=64, window_size=2, bs=2, lr=2e-4, max_iter=max_iter, warmup_iters=1.5, precision='bf16',
+                        rpn_post_nms_top_n_train=32, rpn_post_nms_top_n_test=16, box_batch_size_per_image=16, box_detections_per_img=10)
+    torch.manual_seed(0)
+    learn = detection_learner(coco_dls(root, 64, 2, seed=0), r, output=out, verbose=False)
+    learn.remove_cb(ProgressCallback)
+    return learn
+
+def test_max_iter_schedule_stop_and_exact_resume(syn4, tmp_path):
+    "3 steps of 2 batches per epoch: 2 epochs, the second stopped after one step; the lrs are detectron2's; resuming after epoch 0 is exact."
+    from fastai.callback.core import Callback, CancelFitException
+    from fastconvmae.detection import warmup_cosine
+    a = _iter_learner(syn4, tmp_path / 'a'); fit_detection(a)
+    assert len(a.recorder.lrs) == 3 and len(a.recorder.values) == 2
+    assert len(a.recorder.values[-1]) == len(a.recorder.values[0])          # the stopped epoch still logs its training loss
+    f = warmup_cosine(2e-4, 1.5 / 3)
+    assert a.recorder.lrs == pytest.approx([f(0.), f(1 / 3), f(2 / 3)])
+    b = _iter_learner(syn4, tmp_path / 'b')
+    class StopAfter(Callback):
+        order = 100
+        def after_epoch(self):
+            if self.epoch == 0: raise CancelFitException()
+    b.add_cb(StopAfter()); fit_detection(b); b.remove_cb(StopAfter)
+    c = _iter_learner(syn4, tmp_path / 'b')
+    fit_detection(c, resume=tmp_path / 'b' / 'checkpoint-latest.pth')
+    sa, sc = a.model.state_dict(), c.model.state_dict()
+    assert max((sa[k].float() - sc[k].float()).abs().max().item() for k in sa) < 1e-6
+    assert c.recorder.lrs == pytest.approx(a.recorder.lrs)
+
+def test_validation_and_evaluation_run_in_fp32(syn4, tmp_path):
+    "bf16 training, fp32 validation (no autocast, as the official evaluation), whose AP `evaluate_detection` of the checkpoint repeats."
+    learn = _iter_learner(syn4, tmp_path / 'a', max_iter=2)
+    seen = set()
+    learn.model.backbone.body.register_forward_hook(lambda mod, i, o: seen.add((mod.training, torch.is_autocast_enabled('cpu'))))
+    fit_detection(learn)
+    assert seen == {(True, True), (False, False)}                           # autocast in training only
+    st = evaluate_detection(tmp_path / 'a' / 'checkpoint-latest.pth', syn4)
+    assert st['bbox']['AP'] == pytest.approx(learn.recorder.values[-1][1], abs=1e-6)
+    assert st['segm']['AP'] == pytest.approx(learn.recorder.values[-1][3], abs=1e-6)
+
+# --- detectron2 checkpoints ---------------------------------------------------------------------------------------------
+
+def _to_detectron2(sd: dict, K: int) -> dict:
+    "This package's Mask R-CNN state dict in detectron2's layout, the inverse of the research notes' table, written by hand"
+    out = {}
+    for k, v in sd.items():
+        p = k.split('.')
+        if k.startswith('backbone.body.'): k2 = 'backbone.bottom_up.' + k[len('backbone.body.'):]
+        elif k.startswith('backbone.fpn.'):
+            kind = {'inner_blocks': 'fpn_lateral', 'layer_blocks': 'fpn_output'}[p[2]]
+            k2 = f"backbone.{kind}{int(p[3]) + 2}." + ('weight' if p[4] == '0' else 'norm.' + p[5])
+        elif k.startswith('rpn.head.conv.'): k2 = f'proposal_generator.rpn_head.conv.conv{p[3]}.{p[5]}'
+        elif k.startswith('rpn.head.cls_logits.'): k2 = 'proposal_generator.rpn_head.objectness_logits.' + p[-1]
+        elif k.startswith('rpn.head.bbox_pred.'): k2 = 'proposal_generator.rpn_head.anchor_deltas.' + p[-1]
+        elif k.startswith('roi_heads.box_head.'):
+            i = int(p[2])
+            k2 = f'roi_heads.box_head.fc1.{p[3]}' if i == 5 else f'roi_heads.box_head.conv{i + 1}.' + ('weight' if p[3] == '0' else 'norm.' + p[4])
+        elif k.startswith('roi_heads.box_predictor.cls_score.'): k2, v = k, torch.cat([v[1:], v[:1]])     # background last
+        elif k.startswith('roi_heads.box_predictor.bbox_pred.'): k2, v = k, v[4:]                        # no background rows
+        elif k.startswith('roi_heads.mask_head.'):
+            k2 = f'roi_heads.mask_head.mask_fcn{int(p[2]) + 1}.' + ('weight' if p[3] == '0' else 'norm.' + p[4])
+        elif k.startswith('roi_heads.mask_predictor.conv5_mask.'): k2 = 'roi_heads.mask_head.deconv.' + p[-1]
+        elif k.startswith('roi_heads.mask_predictor.mask_fcn_logits.'): k2, v = 'roi_heads.mask_head.predictor.' + p[-1], v[1:]
+        else: raise KeyError(k)
+        out[k2] = v.clone()
+    n = lambda s: (2 * s - 1) ** 2
+    for t in ('windowed', 'global'):  # the persistent index buffers a detectron2 file holds (any value: they are recomputed)
+        s = math.isqrt(out[f'backbone.bottom_up.{t}_rel_pos_bias.relative_position_bias_table'].shape[0]) // 2 + 1
+        out[f'backbone.bottom_up.{t}_rel_pos_bias.relative_position_index'] = torch.zeros(s * s, s * s, dtype=torch.int64)
+    return out
+
+def _random_stats(m):
+    g = torch.Generator().manual_seed(1)
+    for mod in m.modules():
+        if isinstance(mod, torch.nn.BatchNorm2d):
+            mod.running_mean.copy_(torch.randn(mod.running_mean.shape, generator=g) * 0.1)
+            mod.running_var.copy_(torch.rand(mod.running_var.shape, generator=g) + 0.5)
+    return m
+
+def test_detectron2_keys_and_class_order():
+    from fastconvmae.detection import detectron2_to_torchvision, detectron2_model, is_detectron2
+    from fastconvmae.checkpoint import CheckpointMismatchError
+    torch.manual_seed(0)
+    m = _random_stats(maskrcnn_convvit(2, 'tiny', img_size=64, window_size=2, verbose=False)).eval()
+    d2 = _to_detectron2(m.state_dict(), 2)
+    assert is_detectron2({'model': d2}) and not is_detectron2({'model': m.state_dict()})
+    tv = detectron2_to_torchvision({'model': d2})
+    rows = {'roi_heads.box_predictor.bbox_pred.': 4, 'roi_heads.mask_predictor.mask_fcn_logits.': 1}   # background rows: zeros
+    assert set(tv) == set(m.state_dict())
+    for k, v in m.state_dict().items():
+        n = next((r for p, r in rows.items() if k.startswith(p)), 0)
+        assert (torch.equal(tv[k][n:], v[n:]) and not tv[k][:n].any()) if n else torch.equal(tv[k], v), k
+    # class i of detectron2 is label i + 1: make d2 class 1 win everywhere, the model then labels everything 2
+    d2['roi_heads.box_predictor.cls_score.weight'].zero_(); d2['roi_heads.box_predictor.cls_score.bias'].copy_(torch.tensor([0., 9., 0.]))
+    m2 = detectron2_model(detectron2_to_torchvision({'model': d2})).eval()
+    with torch.no_grad(): p = m2([torch.rand(3, 64, 64)])[0]
+    assert len(p['labels']) and set(p['labels'].tolist()) == {2}
+    with pytest.raises(CheckpointMismatchError, match='pixel_mean, roi_heads.keypoint_head.conv_fcn1.weight'):  # nothing dropped silently
+        detectron2_to_torchvision({'model': {**d2, 'pixel_mean': torch.zeros(3), 'roi_heads.keypoint_head.conv_fcn1.weight': torch.zeros(3)}})
+    with pytest.raises(CheckpointMismatchError, match=r'1 unexpected \(roi_heads.box_head.7.weight'):  # a second fc: no such layer here
+        detectron2_model(detectron2_to_torchvision({'model': {**d2, 'roi_heads.box_head.fc2.weight': torch.zeros(3)}}))
+    with pytest.raises(CheckpointMismatchError, match='missing'):
+        detectron2_model(detectron2_to_torchvision({'model': {k: v for k, v in d2.items() if 'mask_fcn1.weight' not in k}}))
+
+def test_cli_evaluates_a_detectron2_checkpoint(syn4, tmp_path):
+    "A detectron2-layout file through `detect evaluate --checkpoint`: the same COCO results as the package model it was made from."
+    from dataclasses import asdict
+    from fastconvmae.detection import DETECTION_PRESETS
+    torch.manual_seed(0)
+    m = _random_stats(maskrcnn_convvit(2, 'tiny', img_size=64, window_size=2, drop_path_rate=0., verbose=False)).eval()
+    torch.save({'model': _to_detectron2(m.state_dict(), 2), 'iteration': 99}, tmp_path / 'model_final.pth')
+    r = DetectionRecipe(**{**asdict(DETECTION_PRESETS['coco_25ep']), 'arch': 'tiny', 'img_size': 64, 'window_size': 2, 'drop_path_rate': 0.})
+    cats = [dict(id=c, name=n) for c, n in ((1, 'box'), (2, 'blob'))]
+    torch.save(dict(model=m.state_dict(), recipe=asdict(r), categories=cats), tmp_path / 'package.pth')
+    ref = evaluate_detection(tmp_path / 'package.pth', syn4, output=tmp_path / 'ref')
+    res = _cli('evaluate', syn4, '--checkpoint', tmp_path / 'model_final.pth', '--output', tmp_path / 'd2', cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    a = json.loads((tmp_path / 'ref' / 'results_val.json').read_text())
+    b = json.loads((tmp_path / 'd2' / 'results_val.json').read_text())
+    assert len(a) == len(b) > 10 and all('segmentation' in o for o in b)
+    for x, y in zip(a, b):
+        assert (x['image_id'], x['category_id'], x['segmentation']) == (y['image_id'], y['category_id'], y['segmentation'])
+        assert x['bbox'] == pytest.approx(y['bbox'], abs=1e-4) and x['score'] == pytest.approx(y['score'], abs=1e-6)
+    st = json.loads((tmp_path / 'd2' / 'metrics_val.json').read_text())['stats']
+    for iou in ('bbox', 'segm'): assert st[iou] == pytest.approx(ref[iou], nan_ok=True)
+
+FIXTURE_DET = REPO / 'tests' / 'fixtures' / 'official_det_tiny.pt'
+
+@pytest.mark.skipif(not FIXTURE_DET.exists(), reason='tests/fixtures/official_det_tiny.pt not built (tools/official_downstream_fixtures.py)')
+def test_official_detectron2_checkpoint_reproduces_official_backbone_maps():
+    "The official tiny ConvViTDet's detectron2 file, through the converter and `detectron2_model`: the four maps within 1e-5 (relative)."
+    import importlib.util
+    from fastconvmae.detection import detectron2_to_torchvision, detectron2_model
+    from fastconvmae.models import rel_err
+    spec = importlib.util.spec_from_file_location('odf', REPO / 'tools' / 'official_downstream_fixtures.py')
+    odf = importlib.util.module_from_spec(spec); spec.loader.exec_module(odf)
+    fx = torch.load(FIXTURE_DET, weights_only=True)
+    m = detectron2_model(detectron2_to_torchvision(odf.materialise(fx['checkpoint']))).eval()
+    assert (m.img_size, m.num_classes, m.backbone.body.window_size, m.backbone.body.global_blocks) == (256, 2, 8, (0, 3, 6, 10))
+    with torch.no_grad(): out = m.backbone.body(fx['image'])
+    for k in fx['feature_names']: assert rel_err(out[k], fx['features'][k]) <= 1e-5, k
+
+# --- the detector learns ------------------------------------------------------------------------------------------------
+
+#: 8 balloon training photos with large balloons (every balloon's shorter side >= 28 % of the photo's longer side): seven with
+#: one balloon, one (16) with two. Chosen by hand: a pink balloon on a pink dress (15) and a half-hidden one (42) were left out,
+#: because from random weights they take a few hundred more steps, and which of them a run learns first depends on the seed
+BALLOON_8 = (43, 59, 13, 33, 6, 39, 7, 16)
+
+def _balloon_8(root: Path, repeat: int) -> Path:
+    "A COCO folder of 8 balloon photos (symlinks): `val` holds them once, `train` lists them `repeat` times (one epoch = many steps)"
+    src = SHARED / 'balloon'
+    d = json.loads((src / 'annotations' / 'instances_train.json').read_text())
+    imgs = [i for i in d['images'] if i['id'] in BALLOON_8]
+    anns = [a for a in d['annotations'] if a['image_id'] in BALLOON_8]
+    (root / 'annotations').mkdir(parents=True); (root / 'train').mkdir()
+    for i in imgs: (root / 'train' / i['file_name']).symlink_to(src / 'train' / i['file_name'])
+    (root / 'val').symlink_to('train')
+    (root / 'annotations' / 'instances_val.json').write_text(json.dumps(dict(images=imgs, annotations=anns, categories=d['categories'])))
+    rep = lambda r: ([{**i, 'id': i['id'] + 1000 * r} for i in imgs],
+                     [{**a, 'id': a['id'] + 100_000 * r, 'image_id': a['image_id'] + 1000 * r} for a in anns])
+    reps = [rep(r) for r in range(repeat)]
+    (root / 'annotations' / 'instances_train.json').write_text(json.dumps(dict(
+        images=[i for im, _ in reps for i in im], annotations=[a for _, an in reps for a in an], categories=d['categories'])))
+    return root
+
+@pytest.mark.skipif(not (SHARED / 'balloon').exists(), reason='shared/data/balloon not found beside the repository')
+def test_detector_learns_balloon(tmp_path):
+    """`train_detection` (the path of `fastconvmae detect train`) from random weights on 8 balloon photos reaches box AP50 > 90 on
+    the same photos: targets, losses, post-processing and evaluation fit together. Tiny backbone, 128 px, bf16, fixed seed."""
+    from fastconvmae.detection import train_detection
+    import time
+    data = _balloon_8(tmp_path / 'balloon8', repeat=40)                  # 80 steps of 4 photos per epoch: 3 epochs, 3 validations
+    t0 = time.time()
+    train_detection(data, 'cpu', output=tmp_path / 'run', seed=0, console=False, img_size=128, window_size=4, bs=4, lr=5e-4,
+                    max_iter=240, warmup_iters=10, scale=(1., 1.), drop_path_rate=0., box_batch_size_per_image=16,
+                    rpn_post_nms_top_n_train=50, rpn_post_nms_top_n_test=50, box_detections_per_img=20)
+    st = json.loads((tmp_path / 'run' / 'metrics.json').read_text())['stats']
+    print(f"balloon-8 learning check: box AP50 {st['bbox']['AP50']:.1f}, mask AP50 {st['segm']['AP50']:.1f} in {time.time() - t0:.0f} s")
+    assert st['bbox']['AP50'] > 90, st
