@@ -35,7 +35,7 @@ __all__ = ['pretrain_param_groups', 'adamw', 'lr_schedule', 'AnyDeviceMixedPreci
            'RunLog', 'load_model_state', 'check_resume', 'read_resume', 'fit_resumable', 'keep_published_batch',
            'ShardedTrainer', 'leave_group_at_exit', 'launch_setup', 'seed_rank', 'EpochLines', 'console_progress',
            'show_progress', 'extra_loggers', 'convvit_layer_id', 'LayerGroups', 'layer_decay_groups', 'precision_cbs',
-           'task_learner']
+           'cpu_has_bf16_units', 'precision_note', 'task_learner']
 
 # %% ../nbs/22_training.ipynb #6fc3dbb8
 def pretrain_param_groups(model: nn.Module, weight_decay: float=0.05) -> list[dict]:
@@ -469,6 +469,17 @@ def precision_cbs(precision: str='fp32') -> list:
     if precision in ('bf16', 'fp16'): return [AnyDeviceMixedPrecision(precision)]
     raise ValueError(f"precision must be 'fp32', 'bf16' or 'fp16', got {precision!r}")
 
+def cpu_has_bf16_units() -> bool:
+    "Whether this CPU multiplies bf16 natively (AMX tiles or AVX512-BF16); without them PyTorch emulates bf16 through fp32."
+    return any(getattr(torch.cpu, f, lambda: False)() for f in ('_is_amx_tile_supported', '_is_avx512_bf16_supported'))
+
+def precision_note(precision: str, device, native: bool|None=None) -> str|None:
+    "The line to print when `precision` is bf16 on a CPU without native bf16 units (`native`: detected if None), else None."
+    if precision != 'bf16' or torch.device(device).type != 'cpu': return None
+    if native if native is not None else cpu_has_bf16_units(): return None
+    return ("note: this CPU has no native bf16 units (AMX, AVX512-BF16): bf16 autocast is emulated and can be several "
+            "times slower than --precision fp32")
+
 # %% ../nbs/22_training.ipynb #91081787
 def task_learner(dls, model: nn.Module, loss_func, opt_func, lr: float, *, precision: str='fp32', accum: int=1, clip: float|None=None,
                  output=None, checkpoint: Callback|None=None, log: str|None='log.csv', cbs=None, after=(), sync_bn: bool=False,
@@ -482,6 +493,9 @@ the engine adds, in this order, non-finite recovery, mixed precision, gradient a
     if output is not None:
         output = Path(output)
         if rank == 0: output.mkdir(parents=True, exist_ok=True)
+    dev = getattr(dls, 'device', None)
+    dev = torch.device(dev if dev is not None else 'cuda' if torch.cuda.is_available() else 'cpu')
+    if rank == 0 and (note := precision_note(precision, dev)): print(note, flush=True)  # stdout, beside the run summary
     cbs = [*(cbs or []), *nonfinite_cbs(), *precision_cbs(precision)]
     if accum > 1: cbs.append(GradientAccumulation(dls.train.bs * accum))
     if clip: cbs.append(GradientClip(clip))
@@ -490,8 +504,7 @@ the engine adds, in this order, non-finite recovery, mixed precision, gradient a
     kwargs = {'path': output if output is not None else Path('.'), 'model_dir': '.', **kwargs}
     learn = Learner(dls, model, loss_func=loss_func, opt_func=opt_func, lr=lr, cbs=[*cbs, *after], **kwargs)
     if world > 1:
-        dev = getattr(dls, 'device', None)
-        cpu = torch.device(dev).type != 'cuda' if dev is not None else not torch.cuda.is_available()
+        cpu = dev.type != 'cuda'
         learn.add_cb(ShardedTrainer(sync_bn=sync_bn and not cpu, cpu=cpu))
         if rank: learn.remove_cb(ProgressCallback)
     return learn
