@@ -67,3 +67,14 @@ def test_zeroed_tables_or_layer_scales_would_be_caught(seg, tmp_path):
     model, _ = load_segmenter(tmp_path/'f.pth')
     with torch.no_grad(): out = list(model.backbone(seg['image']).values())
     assert rel_err(out[3], seg['features'][3]) > 1e-2
+
+def test_seg_heads_match_mmsegmentation(seg, tmp_path):
+    "UPerHead and FCNHead on the official maps, with the mmseg checkpoint's head weights: the logits of mmsegmentation's own heads (tests/fixtures/mmseg_heads_tiny.pt, made by tools/mmseg_head_fixture.py with mmsegmentation 1.2.2)."
+    ref = torch.load(FIX/'mmseg_heads_tiny.pt', weights_only=True)
+    torch.save(_materialise(seg['checkpoint']), tmp_path/'iter_160000.pth')
+    model, _ = load_segmenter(tmp_path/'iter_160000.pth')
+    feats = list(seg['features'])
+    with torch.no_grad(): d, a = model.decode_head(feats), model.auxiliary_head(feats[seg['config']['aux_index']])
+    assert d.shape == ref['decode_logits'].shape and a.shape == ref['aux_logits'].shape
+    assert rel_err(d, ref['decode_logits']) < TOL and rel_err(a, ref['aux_logits']) < TOL, (rel_err(d, ref['decode_logits']), rel_err(a, ref['aux_logits']))
+    assert ref['decode_logits'].std() > 0.1                            # not a degenerate (constant) reference
