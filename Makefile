@@ -27,7 +27,7 @@ demo: $(BIN)/.installed
 
 test: $(BIN)/.installed
 	cd nbs && ../$(BIN)/nbdev_test --n_workers 1 --do_print
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=30 tests
 
 export: $(BIN)/.installed
 	$(BIN)/nbdev_export && $(BIN)/nbdev_clean

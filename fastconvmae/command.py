@@ -113,7 +113,7 @@ def run_pretrain(data='data', preset='cpu', targets=None, weights=None, dino_wei
         what = f" + MoR {'+'.join(f'{t}x{w:g}' for t, w in m.loss_weights.items())} (S={m.shared_depth}, N={m.branch_depth})" if mor else ''
         if note: print(note)
         print(f"{r.arch}{what}: {n_p:.1f} M trained params; {len(dls.train.dataset)} images; {r.epochs} epochs; batch {r.bs} x "
-              f"{r.accum} x {world} = {learn.eff_bs}; lr {learn.lr:.2e}; {r.precision} on {device}", flush=True)
+              f"{r.accum} x {world} = {learn.eff_bs}; lr {learn.lr:.2e}; {learn.recipe.precision} on {device}", flush=True)
     fit_pretrain(learn, resume=res, force_resume=force_resume)
     if rank == 0: print(f"done: checkpoint-latest.pth, log.csv{', loss.png and reconstructions/' if not mor or 'pixel' in r.targets else ''} in {output}")
 
@@ -139,7 +139,7 @@ def pretrain_main(data: str='data', # image folder: ImageNet layout (train/<clas
          img_size: int=None, # training resolution (divisible by 16)
          mask_ratio: float=None, # fraction of patches hidden in each view
          norm_pix_loss: bool_arg=None, # predict per-patch normalised pixels (True in every official recipe; False for visualisation models)
-         precision: str=None, # fp32, bf16 or fp16
+         precision: str=None, # auto, fp32, bf16 or fp16 (auto: bf16 where the device runs it natively, else fp32)
          accum: int=None, # gradient accumulation steps (default: the recipe's, or what keeps its published batch)
          clip: float=None, # max gradient norm
          workers: int=None, # data loading processes per device

@@ -13,7 +13,7 @@ from fastcore.script import Param, store_true
 from .models import create_model, reconstruct, show_views
 from .data import pretrain_dls
 from .cli import check_output, prepare_output, run_files, run_cli, check_args, UserError, call_parse_exact, cli_spec
-from .training import console_progress
+from .training import console_progress, resolve_precision
 from .pretrain import PRESETS, pretrain_learner, fit_pretrain
 
 # %% auto #0
@@ -85,7 +85,7 @@ def run_demo(data=None, # image folder (default: ../shared/data/imagenette-128 i
     big = len(list(data.rglob('*.*'))) > 100
     r = replace(PRESETS['cpu'], img_size=96, epochs=epochs or 5, warmup_epochs=0.5) if big else \
         replace(PRESETS['cpu'], img_size=64, bs=5, epochs=epochs or 40, warmup_epochs=4, blr=5e-3)
-    r = replace(r, norm_pix_loss=False)
+    r = replace(r, norm_pix_loss=False, precision=resolve_precision(r.precision, 'cpu'))  # bf16 where this CPU runs it natively
     # 1. the masks of one image at the three stage resolutions, the complementary views, the untrained model
     figs, x, model, noise = first_figures(r.arch, r.img_size, r.mask_ratio, seed)
     # 2. pretraining

@@ -42,7 +42,7 @@ from .checkpoint import load_checkpoint, atomic_save, CheckpointMismatchError
 from .encoder import CONVVIT_ARCHS
 from .training import (AnyDeviceMixedPrecision, nonfinite_cbs, PretrainCheckpoint, RunLog, ShardedTrainer, adamw, extra_loggers, task_learner,
                                   lr_schedule, fit_resumable, check_resume, unwrap, launch_setup, seed_rank, console_progress,
-                                  isolated_rng, NonFiniteLossError)
+                                  isolated_rng, NonFiniteLossError, resolve_precision, PRECISIONS)
 
 # %% auto #0
 __all__ = ['PAD_VALUE', 'MEAN_FILL', 'STAT_NAMES', 'COCO_100EP_ITERS', 'DETECTION_PRESETS', 'DETECT_MODES', 'find_split',
@@ -515,7 +515,7 @@ class DetectionRecipe:
     betas: tuple = (0.9, 0.999)
     drop_path_rate: float = 0.1
     scale: tuple = (0.1, 2.0)
-    precision: str = 'bf16'
+    precision: str = 'auto'          # 'fp32', 'bf16', 'fp16' or 'auto' (bf16 where the device runs it natively, else fp32)
     clip: float|None = None
     grad_checkpointing: bool = False
     rpn_post_nms_top_n_train: int = 300
@@ -595,6 +595,7 @@ def detection_learner(dls: DataLoaders, recipe: DetectionRecipe|None=None, model
                       output='runs/detect', save_every: int=1, log: bool=True, cbs=None, verbose: bool=True) -> Learner:
     "A fastai `Learner` for Mask R-CNN on ConvViT with the recipe's optimizer, schedule inputs, precision and callbacks."
     r = recipe or DetectionRecipe()
+    r = replace(r, precision=resolve_precision(r.precision, getattr(dls, 'device', None)))  # 'auto' resolved, and so recorded
     tr = dls.train.dataset
     if model is None:
         model = maskrcnn_convvit(len(tr.cat_ids), r.arch, r.img_size, r.window_size, pretrained=pretrained,
@@ -750,6 +751,7 @@ def _check_recipe(r: DetectionRecipe):
     if r.window_size is not None and (r.img_size // 16) % r.window_size:
         raise UserError(f"--window_size {r.window_size} must divide the stage-3 grid {r.img_size // 16} of --img_size {r.img_size}")
     if r.img_size % 32: raise UserError(f"--img_size must be a multiple of 32 (FPN levels), got {r.img_size}")
+    if r.precision not in PRECISIONS: raise UserError(f"--precision must be auto, fp32, bf16 or fp16, got {r.precision!r}")
 
 def format_stats(stats: dict) -> str:
     "A two-line table of box and mask AP."
@@ -765,6 +767,7 @@ def train_detection(data, preset: str='cpu', output='runs/detect', pretrained=No
     r = detection_recipe(preset, **overrides); _check_recipe(r)
     check_output(output, resume, overwrite)  # refuse a folder holding another run, touching nothing yet
     rank, world, device = launch_setup(seed, device)
+    r = replace(r, precision=resolve_precision(r.precision, device))  # 'auto': bf16 where this device runs it natively, else fp32
     loggers = extra_loggers(output, tensorboard, wandb) if rank == 0 else []  # a missing package stops here
     dls = coco_dls(data, r.img_size, r.bs, r.scale, train_split, valid_split, workers, seed, rank, world, device, n_train, r.pad_value)
     if pretrained is not None and resume is None:  # any layout the fine-tuning chapter reads (official files carry argparse args)
@@ -824,7 +827,7 @@ def evaluate_detection(checkpoint, data, split: str='val', output=None, bs: int|
         raise UserError(f"{checkpoint} was trained on categories {[c['name'] for c in cats][:5]}..., {split} of {data} has {ds.classes[:5]}...")
     ev = COCOEvaluator(ds.coco, ds.cat_ids)
     model.to(device); model.transform.paste_masks = False  # masks are pasted at the original size by the evaluator
-    prec = precision or 'fp32'                             # as the official evaluation: no autocast, whatever training used
+    prec = resolve_precision(precision or 'fp32', device)  # as the official evaluation: no autocast, whatever training used
     ac = torch.autocast(device.type, dtype={'bf16': torch.bfloat16, 'fp16': torch.float16}[prec]) if prec != 'fp32' else contextlib.nullcontext()
     dl = DetectionDL(ds, bs=bs or r.bs, shuffle=False)
     for imgs, _, tgts in dl:
@@ -929,7 +932,7 @@ def main(mode: Param("train, evaluate or predict", str),
          bs: Param("batch size per device", int)=None,
          lr: Param("learning rate", float)=None,
          accum: Param("gradient accumulation steps", int)=None,
-         precision: Param("fp32, bf16 or fp16 (train: the preset's; evaluate: fp32 as the official evaluation)", str)=None,
+         precision: Param("auto, fp32, bf16 or fp16 (train: the preset's, auto: bf16 where the device runs it natively, else fp32; evaluate: fp32 as the official evaluation)", str)=None,
          grad_checkpointing: Param("activation checkpointing of stage 3", store_true)=False,
          pretrained: Param("pretraining (or fine-tuning) checkpoint for the backbone", str)=None,
          resume: Param("checkpoint-latest.pth of a run to continue", str)=None,

@@ -186,7 +186,7 @@ FINETUNE_PRESETS = dict(
                   cutmix=1.0, mixup_prob=1.0, smoothing=0.1, precision='fp16', num_workers=10, accum=1),
     cpu=dict(model='convvit_tiny_patch16', img_size=64, bs=64, epochs=5, warmup_epochs=1, blr=2e-3, min_lr=1e-6,
              layer_decay=0.75, weight_decay=0.05, drop_path=0.05, aa='rand-m9-mstd0.5-inc1', reprob=0.25, mixup=0.8,
-             cutmix=1.0, mixup_prob=0.5, smoothing=0.1, precision='bf16', num_workers=2, accum=1),
+             cutmix=1.0, mixup_prob=0.5, smoothing=0.1, precision='auto', num_workers=2, accum=1),
 )
 
 # %% ../nbs/07_finetune.ipynb #e9455310
@@ -204,7 +204,7 @@ def check_settings(c: dict, seed: int=0):
         if v is not None and (v > 1 or v == 1 and not closed): raise UserError(f"--{k} must be {'at most' if closed else 'below'} 1, got {v}")
     if c.get('warmup_epochs', 0) > c['epochs']:
         raise UserError(f"--warmup_epochs ({c['warmup_epochs']:g}) must not exceed --epochs ({c['epochs']}): the lr would never reach its peak")
-    if c.get('precision') not in ('fp32', 'bf16', 'fp16'): raise UserError(f"--precision must be fp32, bf16 or fp16, got {c.get('precision')!r}")
+    if c.get('precision') not in PRECISIONS: raise UserError(f"--precision must be auto, fp32, bf16 or fp16, got {c.get('precision')!r}")
     if c['model'] not in classifier_archs():
         raise UserError(f"--model {c['model']!r} is not a classifier; choose one of {', '.join(classifier_archs())}")
     if (c.get('mixup', 0) > 0 or c.get('cutmix', 0) > 0) and c['bs'] % 2:
@@ -240,6 +240,7 @@ def finetune(data, preset: str='cpu', checkpoint=None, output_dir=None, reset_he
     ck = load_checkpoint(checkpoint, trusted=trusted) if checkpoint and not resume else None  # a bad file stops here, before the data
     res = read_resume(resume) if resume else None
     rank, world, device = launch_setup(seed, device)  # seeds torch: init, erasing, drop path; Python: RandAugment; NumPy: Mixup
+    c['precision'] = resolve_precision(c['precision'], device)  # 'auto': bf16 where this device runs it natively, else fp32
     dls = finetune_dls(data, c['img_size'], c['bs'], c['aa'] or None, c['reprob'], c.get('crop_pct'), num_workers=c['num_workers'],
                        seed=seed, device=device, rank=rank, world_size=world)
     n_cls = c.get('num_classes') or len(dls.train.vocab)
@@ -327,7 +328,7 @@ def main(data: Param("dataset root with train/ and val/ class folders (ImageNet 
          aa: Param("RandAugment policy (timm), 'none' to disable", str)=None, reprob: Param("random erasing probability", float)=None,
          mixup: Param("Mixup alpha", float)=None, cutmix: Param("CutMix alpha", float)=None,
          mixup_prob: Param("probability of mixing a batch", float)=None, smoothing: Param("label smoothing, in [0, 1)", float)=None,
-         precision: Param("fp32, bf16 or fp16", str)=None, workers: Param("loader processes per training process", int)=None,
+         precision: Param("auto, fp32, bf16 or fp16 (auto: bf16 where the device runs it natively, else fp32)", str)=None, workers: Param("loader processes per training process", int)=None,
          device: Param("cuda, cpu, ... (default: cuda if available)", str)=None, seed: Param("random seed", int)=0,
          tensorboard: Param("also log to TensorBoard, in OUTPUT/tensorboard (needs tensorboard)", store_true)=False,
          wandb: Param("also log to Weights & Biases (needs wandb)", store_true)=False,

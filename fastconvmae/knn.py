@@ -18,27 +18,28 @@ from .data import UNREADABLE, finetune_eval_transform, classifier_dls
 from .models import create_model, classifier_archs
 from .cli import UserError, check_args, run_cli, call_parse_exact, model_name
 from .checkpoint import load_pretrained, load_checkpoint
-from .training import unwrap, isolated_rng
+from .training import unwrap, isolated_rng, resolve_precision, PRECISIONS
 
 # %% auto #0
 __all__ = ['pooled_features', 'knn_features', 'knn_predict', 'knn_accuracy', 'KNNEvaluator', 'KNNAccuracy', 'knn_metrics', 'main']
 
 # %% ../nbs/08b_knn.ipynb #24a236c6
 @torch.no_grad()
-def pooled_features(model: nn.Module, x: Tensor, precision: str='bf16') -> Tensor:
+def pooled_features(model: nn.Module, x: Tensor, precision: str='auto') -> Tensor:
     "L2-normalised mean of the stage-3 tokens of the full image [B, D] (float32), for any ConvViT trunk: pretraining, MoR or classifier model."
     m = unwrap(model)
-    dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16}.get(precision)
+    dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16}.get(resolve_precision(precision, x.device))
     with torch.autocast(x.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
         t, _, _ = m.forward_stages(x)             # [B, L, D3]: patch embeddings, stages 1-2 unmasked, pos_embed
         for blk in m.blocks3: t = blk(t)         # stage 3 on every token
     return F.normalize(t.float().mean(1), dim=-1)
 
 @torch.no_grad()
-def knn_features(model: nn.Module, dl, precision: str='bf16') -> tuple[Tensor, Tensor, int]:
+def knn_features(model: nn.Module, dl, precision: str='auto') -> tuple[Tensor, Tensor, int]:
     "`(features [N, D], labels [N], n_unreadable)` of a labelled loader, the model in eval mode; unreadable images left out."
     m = unwrap(model); was = m.training; m.eval()
     dev = next(m.parameters()).device
+    precision = resolve_precision(precision, dev)
     fs, ys = [], []
     try:
         for xb, yb in dl:
@@ -72,7 +73,7 @@ def knn_accuracy(train_f: Tensor, train_y: Tensor, test_f: Tensor, test_y: Tenso
 class KNNEvaluator:
     "Weighted k-NN accuracy of a model's frozen features on an ImageNet-layout folder (`train/` = memory bank, `val/` = queries)."
     def __init__(self, data, img_size: int=224, bs: int=256, k: int=20, T: float=0.07, n_train: int|None=None,
-                 precision: str='bf16', num_workers: int=0):
+                 precision: str='auto', num_workers: int=0):
         tf = finetune_eval_transform(img_size)
         self.dls = classifier_dls(data, tf, tf, bs=bs, num_workers=num_workers, device='cpu', train_unreadable='mark', drop_last=False)
         bank = self.dls.train_ds
@@ -117,10 +118,10 @@ def knn_metrics(data, img_size: int, every: int=1, **kwargs) -> list[KNNAccuracy
 
 # %% ../nbs/08b_knn.ipynb #c602dd78
 def _knn_cli(data, checkpoint=None, model=None, img_size=None, k=20, temperature=0.07, n_train=None, bs=256, workers=0,
-             precision='bf16', from_ema=False, trusted=False, device=None, seed=None):
+             precision='auto', from_ema=False, trusted=False, device=None, seed=None):
     check_args(img_size=(img_size, 'img_size'), k=(k, 'pos_int'), temperature=(temperature, 'pos'), n_train=(n_train, 'pos_int'),
                bs=(bs, 'pos_int'), workers=(workers, 'nonneg_int'))
-    if precision not in ('fp32', 'bf16', 'fp16'): raise UserError(f"--precision must be fp32, bf16 or fp16, got {precision!r}")
+    if precision not in PRECISIONS: raise UserError(f"--precision must be auto, fp32, bf16 or fp16, got {precision!r}")
     ck = load_checkpoint(checkpoint, trusted=trusted) if checkpoint else None
     rec = (ck.get('recipe') or {}) if isinstance(ck, dict) else {}
     arch = rec.get('arch', '')
@@ -142,7 +143,7 @@ def main(data: Param("dataset root with train/ (memory bank) and val/ (queries) 
          img_size: Param("image size (px, a multiple of 16; default: the checkpoint's, else 224)", int)=None,
          k: Param("neighbours", int)=20, temperature: Param("vote temperature", float)=0.07,
          n_train: Param("use an evenly spaced subset of this many training images as the memory bank", int)=None,
-         bs: Param("batch size", int)=256, workers: Param("loader processes", int)=0, precision: Param("fp32, bf16 or fp16", str)='bf16',
+         bs: Param("batch size", int)=256, workers: Param("loader processes", int)=0, precision: Param("auto, fp32, bf16 or fp16 (auto: bf16 where the device runs it natively, else fp32)", str)='auto',
          from_ema: Param("MoR checkpoints: score the EMA teacher's weights", store_true)=False,
          trusted: Param("unpickle the checkpoint fully (ONLY for files you trust)", store_true)=False,
          device: Param("cuda, cpu, ... (default: cuda if available)", str)=None,

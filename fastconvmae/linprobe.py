@@ -24,7 +24,7 @@ from .data import pretrain_transform, UNREADABLE, classifier_dls, finetune_eval_
 from .cli import UserError, check_args, check_output, prepare_output, run_cli, call_parse_exact, cli_spec, model_name
 from .checkpoint import atomic_save, load_checkpoint, load_pretrained
 from .training import (ShardedTrainer, RunLog, unwrap, launch_setup, seed_rank, precision_cbs, show_progress,
-                                  read_resume, nonfinite_cbs, extra_loggers, task_learner)
+                                  read_resume, nonfinite_cbs, extra_loggers, task_learner, resolve_precision)
 from .finetune import (SoftTargetLoss, TopK, CheckClasses, UnscoredReport, check_classes, check_settings, scaled_lr,
                                   results, FinetuneCheckpoint, one_line_warnings, print_results, check_classifier_resume)
 
@@ -74,7 +74,7 @@ LINPROBE_PRESETS = dict(
     official=dict(model='convvit_base_patch16', img_size=224, bs=512, epochs=90, warmup_epochs=10, blr=0.1, min_lr=0.,
                   weight_decay=0., precision='fp16', num_workers=10),
     cpu=dict(model='convvit_tiny_patch16', img_size=64, bs=128, epochs=5, warmup_epochs=1, blr=0.1, min_lr=0.,
-             weight_decay=0., precision='bf16', num_workers=2),
+             weight_decay=0., precision='auto', num_workers=2),
 )
 
 def linprobe(data, preset: str='cpu', checkpoint=None, output_dir=None, trusted: bool=False, device=None, seed: int=0,
@@ -91,6 +91,7 @@ def linprobe(data, preset: str='cpu', checkpoint=None, output_dir=None, trusted:
     ck = load_checkpoint(checkpoint, trusted=trusted) if checkpoint and not resume else None
     res = read_resume(resume) if resume else None
     rank, world, device = launch_setup(seed, device)
+    c['precision'] = resolve_precision(c['precision'], device)  # 'auto': bf16 where this device runs it natively, else fp32
     dls = linprobe_dls(data, c['img_size'], c['bs'], c.get('crop_pct'), num_workers=c['num_workers'], seed=seed, device=device,
                        rank=rank, world_size=world)
     n_cls = len(dls.train.vocab)
@@ -123,7 +124,7 @@ def probe_features(model: ConvViT, dl, precision: str='fp32') -> tuple[Tensor, T
     "Pooled, `fc_norm`-ed stage-3 features [N, D] (float32, CPU) and labels [N] of every batch of `dl`, in order"
     model = unwrap(model).eval()
     dev = next(model.parameters()).device
-    dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16}.get(precision)
+    dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16}.get(resolve_precision(precision, dev))
     feats, labels = [], []
     for xb, yb in dl:
         with torch.autocast(dev.type, dtype=dtype or torch.float32, enabled=dtype is not None):
@@ -157,7 +158,7 @@ def fit_linear(xtrain: Tensor, ytrain: Tensor, xvalid: Tensor, yvalid: Tensor, w
                 train_top1=(lin(xt).argmax(1) == ytrain).float().mean().item())
 
 def quick_probe(data, checkpoint=None, model: str|nn.Module='convvit_tiny_patch16', img_size=64, bs: int=256,
-                num_workers: int=0, wd: float=1e-4, precision: str='bf16', trusted: bool=False, device='cpu',
+                num_workers: int=0, wd: float=1e-4, precision: str='auto', trusted: bool=False, device='cpu',
                 verbose: bool=True, from_ema: bool=False) -> dict:
     "Score an encoder in minutes: features extracted once (eval transform), then `fit_linear`; returns top-1/top-5, counts and timings"
     t0 = time.time()
@@ -212,7 +213,7 @@ def main(data: Param("dataset root with train/ and val/ class folders (ImageNet 
          epochs: Param("epochs", int)=None, warmup_epochs: Param("warm-up epochs", float)=None,
          lr: Param("learning rate (default: blr * total batch / 256)", float)=None, blr: Param("base learning rate", float)=None,
          weight_decay: Param("weight decay (official: 0)", float)=None, wd: Param("quick probe: L2 penalty", float)=1e-4,
-         precision: Param("fp32, bf16 or fp16", str)=None, workers: Param("loader processes per training process", int)=None,
+         precision: Param("auto, fp32, bf16 or fp16 (auto: bf16 where the device runs it natively, else fp32)", str)=None, workers: Param("loader processes per training process", int)=None,
          device: Param("cuda, cpu, ... (default: cuda if available)", str)=None, seed: Param("random seed", int)=0,
          tensorboard: Param("also log to TensorBoard, in OUTPUT/tensorboard (needs tensorboard)", store_true)=False,
          wandb: Param("also log to Weights & Biases (needs wandb)", store_true)=False,

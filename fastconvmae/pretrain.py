@@ -48,7 +48,7 @@ class PretrainRecipe:
     betas: tuple = (0.9, 0.95)
     min_lr: float = 0.
     norm_pix_loss: bool = True
-    precision: str = 'bf16'  # 'fp32', 'bf16' or 'fp16'
+    precision: str = 'auto'  # 'fp32', 'bf16', 'fp16' or 'auto' (bf16 where the device runs it natively, else fp32)
     clip: float|None = None  # max gradient norm, None for no clipping
     devices: int = 1  # devices the recipe was published for (for the record; the run uses what it is launched on)
 
@@ -111,6 +111,7 @@ def pretrain_learner(dls: DataLoaders, recipe: PretrainRecipe|None=None, model: 
                      figures: bool=True, log: bool=True, cbs=None, **model_kwargs) -> Learner:
     "A fastai `Learner` for ConvMAE / Fast ConvMAE pretraining with the recipe's optimizer, precision and callbacks."
     r = recipe or PretrainRecipe()
+    r = replace(r, precision=resolve_precision(r.precision, getattr(dls, 'device', None)))  # 'auto' resolved, and so recorded
     if model is None:
         model = create_model(r.arch, img_size=r.img_size, norm_pix_loss=r.norm_pix_loss, mask_ratio=r.mask_ratio, **model_kwargs)
     if not isinstance(unwrap(model), MaskedAutoencoderConvViT): raise TypeError(f"expected a pretraining model, got {type(model).__name__}")

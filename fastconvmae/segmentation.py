@@ -33,7 +33,7 @@ from .cli import (UserError, check_args, check_output, prepare_output, run_cli, 
 from .checkpoint import atomic_save, load_checkpoint, checkpoint_state_dict, checkpoint_layout, _strip, CheckpointMismatchError
 from .training import (AnyDeviceMixedPrecision, ShardedTrainer, leave_group_at_exit, PretrainCheckpoint, nonfinite_cbs, NonFiniteLossError, extra_loggers, task_learner,
                                   RunLog, unwrap, launch_setup, seed_rank, check_resume, fit_resumable, console_progress,
-                                  keep_published_batch, convvit_layer_id, LayerGroups, adamw)
+                                  keep_published_batch, convvit_layer_id, LayerGroups, adamw, resolve_precision, PRECISIONS)
 from .backbone import convvit_seg, load_backbone
 from .encoder import CONVVIT_ARCHS
 
@@ -640,7 +640,7 @@ class SegRecipe:
     aux_weight: float = 0.4
     drop_path: float = 0.2
     dropout: float = 0.1
-    precision: str = 'bf16'         # 'fp32', 'bf16' or 'fp16'
+    precision: str = 'auto'         # 'fp32', 'bf16', 'fp16' or 'auto' (bf16 where the device runs it natively, else fp32)
     test_mode: str = 'slide'        # 'whole' or 'slide'
     test_crop: int = 512
     test_stride: int = 341
@@ -656,7 +656,7 @@ SEG_PRESETS = dict(
                      warmup_iters=1500, lr=1e-4, channels=768, aux_channels=256, drop_path=0.2, precision='fp16',
                      test_mode='slide', test_crop=512, test_stride=341, devices=8),
     cpu=SegRecipe('tiny', crop=192, scale=(360, 270), bs=8, iters=100, eval_interval=50, warmup_iters=10, lr=5e-4,
-                  channels=64, aux_channels=32, drop_path=0.1, precision='bf16', test_mode='whole', test_crop=192,
+                  channels=64, aux_channels=32, drop_path=0.1, precision='auto', test_mode='whole', test_crop=192,
                   test_stride=128, valid_bs=4),
 )
 
@@ -665,6 +665,7 @@ def seg_learner(dls: DataLoaders, model: UperNet, recipe: SegRecipe|None=None, o
                 log: bool=True, cbs=None) -> Learner:
     "A fastai `Learner` with the recipe's optimiser groups, loss, metrics, precision, accumulation, checkpoints and DDP"
     r = recipe or SegRecipe()
+    r = replace(r, precision=resolve_precision(r.precision, getattr(dls, 'device', None)))  # 'auto' resolved, and so recorded
     groups = seg_param_groups(unwrap(model), r.layer_decay, r.weight_decay)
     learn = task_learner(dls, model, SegLoss(r.aux_weight), partial(adamw, betas=r.betas), r.lr, precision=r.precision, accum=r.accum,
                          output=output, log='log.csv' if log else None, cbs=cbs, after=[BadImageReport()],
@@ -757,6 +758,7 @@ def segment(data, preset: str='cpu', checkpoint=None, output=None, resume=None, 
     r = _recipe(preset, **overrides)
     if output is not None: check_output(output, resume, overwrite)  # refuse a folder holding another run, touching nothing yet
     rank, world, device = launch_setup(seed, device)
+    r = replace(r, precision=resolve_precision(r.precision, device))  # 'auto': bf16 where this device runs it natively, else fp32
     dls = seg_dls(data, r.crop, r.scale, r.bs, r.eval_interval * r.accum, r.valid_bs, r.ratio_range, r.cat_max_ratio,
                   num_workers=num_workers, seed=seed, device=device, rank=rank, world_size=world, n_valid=n_valid)
     classes = dls.train.dataset.classes or [f'class {i}' for i in range(num_classes or 0)]
@@ -793,6 +795,7 @@ def evaluate_segmenter(model: UperNet, data, split: str='validation', scale=(204
     device = torch.device(device) if device is not None else next(model.parameters()).device
     dl = ValidDL(ds, bs=bs, shuffle=False, drop_last=False, rank=rank, world_size=world_size, num_workers=num_workers)
     model.eval(); cm = torch.zeros(model.num_classes, model.num_classes, dtype=torch.int64)
+    precision = resolve_precision(precision, device)
     amp = torch.autocast(device.type, dtype={'bf16': torch.bfloat16, 'fp16': torch.float16}.get(precision, torch.float32),
                          enabled=precision != 'fp32')
     for x, sizes, y in dl:
@@ -806,6 +809,7 @@ def evaluate_segmenter(model: UperNet, data, split: str='validation', scale=(204
 def predict_masks(model: UperNet, images: list, scale=(2048, 512), precision: str='fp32') -> list[tuple[np.ndarray, np.ndarray]]:
     "(uint8 RGB image, [H, W] predicted classes) of each image file (any size, any mode), predicted with the model's `test_cfg`"
     model.eval(); dev = next(model.parameters()).device
+    precision = resolve_precision(precision, dev)
     tfm, res = SegEvalTransform(tuple(scale)), []
     for f in images:
         img = TF.pil_to_tensor(load_rgb(f))
@@ -943,7 +947,7 @@ def main(command: str, # train, evaluate or predict
          drop_path: float=None, # stochastic depth of the backbone
          channels: int=None, # UperNet channels
          aux_channels: int=None, # auxiliary FCN head channels (0: no auxiliary head)
-         precision: str=None, # fp32, bf16 or fp16
+         precision: str=None, # auto, fp32, bf16 or fp16 (train: the preset's, auto: bf16 where the device runs it natively, else fp32; evaluate, predict: fp32)
          mode: str=None, # inference: whole or slide
          window: int=None, # sliding window size
          stride: int=None, # sliding window stride
@@ -971,7 +975,7 @@ def main(command: str, # train, evaluate or predict
                    channels=(channels, 'pos_int'), aux_channels=(aux_channels, 'nonneg_int'), window=(window, 'pos_int'),
                    stride=(stride, 'pos_int'), n_valid=(n_valid, 'pos_int'), workers=(workers, 'nonneg_int'),
                    num_classes=(num_classes, 'pos_int'), valid_bs=(valid_bs, 'pos_int'))
-        if precision is not None and precision not in ('fp32', 'bf16', 'fp16'): raise UserError(f"--precision must be fp32, bf16 or fp16, got {precision!r}")
+        if precision is not None and precision not in PRECISIONS: raise UserError(f"--precision must be auto, fp32, bf16 or fp16, got {precision!r}")
         if mode is not None and mode not in ('whole', 'slide'): raise UserError(f"--mode must be whole or slide, got {mode!r}")
         if command in ('train', 'evaluate') and not Path(data).expanduser().is_dir(): raise UserError(f"dataset folder not found: {data}")
         if command == 'train':

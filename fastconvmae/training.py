@@ -29,13 +29,14 @@ from .checkpoint import atomic_save, load_checkpoint
 from .data import ShardedDL
 
 # %% auto #0
-__all__ = ['pretrain_param_groups', 'adamw', 'lr_schedule', 'AnyDeviceMixedPrecision', 'NonFiniteLossError', 'NonFiniteGuard',
-           'SkippedStepsColumn', 'nonfinite_settings', 'nonfinite_cbs', 'StopOnNonFinite', 'unwrap', 'rng_states',
-           'set_rng_states', 'isolated_rng', 'all_rng_states', 'PretrainCheckpoint', 'SkipEpochs', 'RestoreState',
-           'RunLog', 'load_model_state', 'check_resume', 'read_resume', 'fit_resumable', 'keep_published_batch',
-           'ShardedTrainer', 'leave_group_at_exit', 'launch_setup', 'seed_rank', 'EpochLines', 'console_progress',
-           'show_progress', 'extra_loggers', 'convvit_layer_id', 'LayerGroups', 'layer_decay_groups', 'precision_cbs',
-           'cpu_has_bf16_units', 'precision_note', 'task_learner']
+__all__ = ['PRECISIONS', 'pretrain_param_groups', 'adamw', 'lr_schedule', 'AnyDeviceMixedPrecision', 'NonFiniteLossError',
+           'NonFiniteGuard', 'SkippedStepsColumn', 'nonfinite_settings', 'nonfinite_cbs', 'StopOnNonFinite', 'unwrap',
+           'rng_states', 'set_rng_states', 'isolated_rng', 'all_rng_states', 'PretrainCheckpoint', 'SkipEpochs',
+           'RestoreState', 'RunLog', 'load_model_state', 'check_resume', 'read_resume', 'fit_resumable',
+           'keep_published_batch', 'ShardedTrainer', 'leave_group_at_exit', 'launch_setup', 'seed_rank', 'EpochLines',
+           'console_progress', 'show_progress', 'extra_loggers', 'convvit_layer_id', 'LayerGroups',
+           'layer_decay_groups', 'precision_cbs', 'cpu_has_bf16_units', 'precision_note', 'resolve_precision',
+           'task_learner']
 
 # %% ../nbs/22_training.ipynb #6fc3dbb8
 def pretrain_param_groups(model: nn.Module, weight_decay: float=0.05) -> list[dict]:
@@ -480,6 +481,17 @@ def precision_note(precision: str, device, native: bool|None=None) -> str|None:
     return ("note: this CPU has no native bf16 units (AMX, AVX512-BF16): bf16 autocast is emulated and can be several "
             "times slower than --precision fp32")
 
+PRECISIONS = ('auto', 'fp32', 'bf16', 'fp16')
+
+def resolve_precision(precision: str|None, device=None, native: bool|None=None) -> str:
+    "`precision`, with 'auto' (or None) made bf16 where `device` computes bf16 natively (CPU: `native`, detected if None), fp16 on a CUDA GPU without bf16, else fp32"
+    if precision not in (*PRECISIONS, None): raise UserError(f"--precision must be auto, fp32, bf16 or fp16, got {precision!r}")
+    if precision not in ('auto', None): return precision
+    dev = torch.device(device if device is not None else 'cuda' if torch.cuda.is_available() else 'cpu')
+    if dev.type == 'cuda': return 'bf16' if torch.cuda.is_bf16_supported() else 'fp16'
+    if dev.type == 'cpu': return 'bf16' if (native if native is not None else cpu_has_bf16_units()) else 'fp32'
+    return 'fp32'
+
 # %% ../nbs/22_training.ipynb #91081787
 def task_learner(dls, model: nn.Module, loss_func, opt_func, lr: float, *, precision: str='fp32', accum: int=1, clip: float|None=None,
                  output=None, checkpoint: Callback|None=None, log: str|None='log.csv', cbs=None, after=(), sync_bn: bool=False,
@@ -487,7 +499,6 @@ def task_learner(dls, model: nn.Module, loss_func, opt_func, lr: float, *, preci
     """The one `Learner` builder of every task. The task brings its model, loss, optimiser, metrics and callbacks (`cbs`);
 the engine adds, in this order, non-finite recovery, mixed precision, gradient accumulation and clipping, the task's
 `checkpoint` callback and the run log (rank 0), then the task's `after` callbacks, and DDP sharding under torchrun."""
-    if precision not in ('fp32', 'bf16', 'fp16'): raise UserError(f"precision must be fp32, bf16 or fp16, got {precision!r}")
     if not (isinstance(accum, int) and accum >= 1): raise ValueError(f"accum must be a positive integer, got {accum}")
     rank, world = rank_distrib(), max(num_distrib(), 1)
     if output is not None:
@@ -495,6 +506,7 @@ the engine adds, in this order, non-finite recovery, mixed precision, gradient a
         if rank == 0: output.mkdir(parents=True, exist_ok=True)
     dev = getattr(dls, 'device', None)
     dev = torch.device(dev if dev is not None else 'cuda' if torch.cuda.is_available() else 'cpu')
+    precision = resolve_precision(precision, dev)
     if rank == 0 and (note := precision_note(precision, dev)): print(note, flush=True)  # stdout, beside the run summary
     cbs = [*(cbs or []), *nonfinite_cbs(), *precision_cbs(precision)]
     if accum > 1: cbs.append(GradientAccumulation(dls.train.bs * accum))

@@ -9,7 +9,7 @@ import pytest, torch
 REPO = Path(__file__).resolve().parents[1]
 CMD = str(Path(sys.executable).with_name('fastconvmae_pretrain'))
 ENV = {**os.environ, 'OMP_NUM_THREADS': '1', 'HF_HUB_OFFLINE': '1'}
-QUICK = ['--data', str(REPO / 'data'), '--img_size', '64', '--bs', '5', '--workers', '0', '--precision', 'bf16', '--blr', '5e-3']
+QUICK = ['--data', str(REPO / 'data'), '--img_size', '64', '--bs', '5', '--workers', '0', '--precision', 'auto', '--blr', '5e-3']
 
 def run(*args, timeout=600):
     return subprocess.run([CMD, *map(str, args)], capture_output=True, text=True, env=ENV, cwd=REPO, timeout=timeout)
@@ -50,6 +50,9 @@ def test_refuses_to_overwrite_a_run(tmp_path):
     assert p.returncode == 0, p.stderr[-2000:]
     assert '\r' not in p.stdout and len(re.findall(r'^epoch \d', p.stdout, re.M)) == 2  # a pipe gets one line per epoch
     assert 'FutureWarning' not in p.stderr
+    from fastconvmae.training import cpu_has_bf16_units
+    want = 'bf16' if cpu_has_bf16_units() else 'fp32'                        # --precision auto: what this CPU runs natively
+    assert f'; {want} on cpu' in p.stdout and load(out / 'checkpoint-latest.pth')['recipe']['precision'] == want, p.stdout
     before = (out / 'checkpoint-latest.pth').read_bytes()
     line = one_error_line(run(*QUICK, '--epochs', '2', '--output', out))
     assert '--resume' in line and '--overwrite' in line

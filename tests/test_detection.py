@@ -87,7 +87,7 @@ def test_model_shapes_and_param_groups():
     with torch.no_grad(): out = m([torch.rand(3, 64, 64)] * 2)
     assert len(out) == 2 and out[0]['masks'].shape[-2:] == (64, 64)
 
-def _learner(root, out, epochs=2, precision='bf16'):
+def _learner(root, out, epochs=2, precision='auto'):
     r = DetectionRecipe(arch='tiny', img_size=64, window_size=2, epochs=epochs, bs=4, lr=2e-4, warmup_epochs=0.5, precision=precision,
                         rpn_post_nms_top_n_train=32, rpn_post_nms_top_n_test=16, box_batch_size_per_image=16, box_detections_per_img=10)
     torch.manual_seed(0)
@@ -259,8 +259,8 @@ def test_coco_presets_count_official_iterations():
     assert r.max_iter is None and r.epochs == 3
     assert detection_recipe('cpu', max_iter=10).max_iter == 10
 
-def _iter_learner(root, out, max_iter=3):
-    r = DetectionRecipe(arch='tiny', img_size=64, window_size=2, bs=2, lr=2e-4, max_iter=max_iter, warmup_iters=1.5, precision='bf16',
+def _iter_learner(root, out, max_iter=3, precision='auto'):
+    r = DetectionRecipe(arch='tiny', img_size=64, window_size=2, bs=2, lr=2e-4, max_iter=max_iter, warmup_iters=1.5, precision=precision,
                         rpn_post_nms_top_n_train=32, rpn_post_nms_top_n_test=16, box_batch_size_per_image=16, box_detections_per_img=10)
     torch.manual_seed(0)
     learn = detection_learner(coco_dls(root, 64, 2, seed=0), r, output=out, verbose=False)
@@ -290,7 +290,7 @@ def test_max_iter_schedule_stop_and_exact_resume(syn4, tmp_path):
 
 def test_validation_and_evaluation_run_in_fp32(syn4, tmp_path):
     "bf16 training, fp32 validation (no autocast, as the official evaluation), whose AP `evaluate_detection` of the checkpoint repeats."
-    learn = _iter_learner(syn4, tmp_path / 'a', max_iter=2)
+    learn = _iter_learner(syn4, tmp_path / 'a', max_iter=2, precision='bf16')
     seen = set()
     learn.model.backbone.body.register_forward_hook(lambda mod, i, o: seen.add((mod.training, torch.is_autocast_enabled('cpu'))))
     fit_detection(learn)
@@ -428,7 +428,8 @@ def _balloon_8(root: Path, repeat: int) -> Path:
 @pytest.mark.skipif(not (SHARED / 'balloon').exists(), reason='shared/data/balloon not found beside the repository')
 def test_detector_learns_balloon(tmp_path):
     """`train_detection` (the path of `fastconvmae detect train`) from random weights on 8 balloon photos reaches box AP50 > 90 on
-    the same photos: targets, losses, post-processing and evaluation fit together. Tiny backbone, 128 px, bf16, fixed seed."""
+    the same photos: targets, losses, post-processing and evaluation fit together. Tiny backbone, 128 px, the preset's 'auto' precision (bf16 on
+    AMX / AVX512-BF16 CPUs, else fp32), fixed seed."""
     from fastconvmae.detection import train_detection
     import time
     data = _balloon_8(tmp_path / 'balloon8', repeat=40)                  # 80 steps of 4 photos per epoch: 3 epochs, 3 validations

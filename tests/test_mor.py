@@ -255,7 +255,7 @@ def test_cli_end_to_end(tmp_path):
     "The one pretraining command with pixel + EMA + a random-init timm ViT-Ti as the DINO stand-in (--random_teachers), one epoch."
     base = [str(Path(sys.executable).with_name('fastconvmae_pretrain')), '--data', str(REPO / 'data'), '--targets', 'pixel,ema,dino',
             '--weights', '1,1,0.5', '--random_teachers', '--dino_model', 'vit_tiny_patch16_224', '--img_size', '64',
-            '--bs', '5', '--workers', '0', '--precision', 'bf16', '--output', str(tmp_path)]
+            '--bs', '5', '--workers', '0', '--precision', 'auto', '--output', str(tmp_path)]
     env = {**os.environ, 'HF_HUB_OFFLINE': '1', 'PYTHONWARNINGS': 'ignore', 'OMP_NUM_THREADS': '1'}
     p = subprocess.run(base + ['--epochs', '1'], capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
     assert p.returncode == 0, p.stderr[-2000:]
