@@ -42,7 +42,7 @@ from .checkpoint import load_checkpoint, atomic_save, CheckpointMismatchError
 from .encoder import CONVVIT_ARCHS
 from .training import (AnyDeviceMixedPrecision, nonfinite_cbs, PretrainCheckpoint, RunLog, ShardedTrainer, adamw, extra_loggers, task_learner,
                                   lr_schedule, fit_resumable, check_resume, unwrap, launch_setup, seed_rank, console_progress,
-                                  isolated_rng, NonFiniteLossError, resolve_precision, PRECISIONS)
+                                  isolated_rng, NonFiniteLossError, resolve_precision, check_precision)
 
 # %% auto #0
 __all__ = ['PAD_VALUE', 'MEAN_FILL', 'STAT_NAMES', 'COCO_100EP_ITERS', 'DETECTION_PRESETS', 'DETECT_MODES', 'find_split',
@@ -751,7 +751,7 @@ def _check_recipe(r: DetectionRecipe):
     if r.window_size is not None and (r.img_size // 16) % r.window_size:
         raise UserError(f"--window_size {r.window_size} must divide the stage-3 grid {r.img_size // 16} of --img_size {r.img_size}")
     if r.img_size % 32: raise UserError(f"--img_size must be a multiple of 32 (FPN levels), got {r.img_size}")
-    if r.precision not in PRECISIONS: raise UserError(f"--precision must be auto, fp32, bf16 or fp16, got {r.precision!r}")
+    check_precision(r.precision)
 
 def format_stats(stats: dict) -> str:
     "A two-line table of box and mask AP."
@@ -767,13 +767,13 @@ def train_detection(data, preset: str='cpu', output='runs/detect', pretrained=No
     r = detection_recipe(preset, **overrides); _check_recipe(r)
     check_output(output, resume, overwrite)  # refuse a folder holding another run, touching nothing yet
     rank, world, device = launch_setup(seed, device)
-    r = replace(r, precision=resolve_precision(r.precision, device))  # 'auto': bf16 where this device runs it natively, else fp32
     loggers = extra_loggers(output, tensorboard, wandb) if rank == 0 else []  # a missing package stops here
     dls = coco_dls(data, r.img_size, r.bs, r.scale, train_split, valid_split, workers, seed, rank, world, device, n_train, r.pad_value)
     if pretrained is not None and resume is None:  # any layout the fine-tuning chapter reads (official files carry argparse args)
         pretrained = load_checkpoint(pretrained, trusted=trusted)
     output = prepare_output(output, resume, overwrite)  # every input checked: now the folder
     learn = detection_learner(dls, r, pretrained=pretrained if resume is None else None, output=output, cbs=loggers)
+    r = learn.recipe  # as run: 'auto' precision resolved by the learner
     seed_rank(seed)
     if console: console_progress(learn)
     if rank == 0:

@@ -204,7 +204,7 @@ def check_settings(c: dict, seed: int=0):
         if v is not None and (v > 1 or v == 1 and not closed): raise UserError(f"--{k} must be {'at most' if closed else 'below'} 1, got {v}")
     if c.get('warmup_epochs', 0) > c['epochs']:
         raise UserError(f"--warmup_epochs ({c['warmup_epochs']:g}) must not exceed --epochs ({c['epochs']}): the lr would never reach its peak")
-    if c.get('precision') not in PRECISIONS: raise UserError(f"--precision must be auto, fp32, bf16 or fp16, got {c.get('precision')!r}")
+    check_precision(c.get('precision'))
     if c['model'] not in classifier_archs():
         raise UserError(f"--model {c['model']!r} is not a classifier; choose one of {', '.join(classifier_archs())}")
     if (c.get('mixup', 0) > 0 or c.get('cutmix', 0) > 0) and c['bs'] % 2:

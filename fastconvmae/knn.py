@@ -18,7 +18,7 @@ from .data import UNREADABLE, finetune_eval_transform, classifier_dls
 from .models import create_model, classifier_archs
 from .cli import UserError, check_args, run_cli, call_parse_exact, model_name
 from .checkpoint import load_pretrained, load_checkpoint
-from .training import unwrap, isolated_rng, resolve_precision, PRECISIONS
+from .training import unwrap, isolated_rng, resolve_precision, check_precision
 
 # %% auto #0
 __all__ = ['pooled_features', 'knn_features', 'knn_predict', 'knn_accuracy', 'KNNEvaluator', 'KNNAccuracy', 'knn_metrics', 'main']
@@ -121,7 +121,7 @@ def _knn_cli(data, checkpoint=None, model=None, img_size=None, k=20, temperature
              precision='auto', from_ema=False, trusted=False, device=None, seed=None):
     check_args(img_size=(img_size, 'img_size'), k=(k, 'pos_int'), temperature=(temperature, 'pos'), n_train=(n_train, 'pos_int'),
                bs=(bs, 'pos_int'), workers=(workers, 'nonneg_int'))
-    if precision not in PRECISIONS: raise UserError(f"--precision must be auto, fp32, bf16 or fp16, got {precision!r}")
+    check_precision(precision)
     ck = load_checkpoint(checkpoint, trusted=trusted) if checkpoint else None
     rec = (ck.get('recipe') or {}) if isinstance(ck, dict) else {}
     arch = rec.get('arch', '')

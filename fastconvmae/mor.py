@@ -27,7 +27,7 @@ from .encoder import ConvViTTrunk, CONVVIT_ARCHS, Attention
 from .maskconv import block_norm
 from .models import MaskedAutoencoderConvViT, DECODER_ARCHS, MODELS, masked_mse  # the loss of every target
 from .cli import UserError
-from .training import unwrap, PRECISIONS
+from .training import unwrap, check_precision
 from .pretrain import PretrainRecipe, PRESETS, pretrain_learner, fit_pretrain, pretrain_archs
 from .data import pretrain_dls
 
@@ -377,7 +377,7 @@ def recipe_from_args(preset: str, targets: tuple|None=None, **overrides) -> Pret
         if r.weights is not None and len(r.weights) != len(r.targets):
             raise UserError(f"{len(r.weights)} --weights for {len(r.targets)} targets ({','.join(r.targets)})")
     if r.warmup_epochs > r.epochs: raise UserError(f"--warmup_epochs {r.warmup_epochs} is longer than the {r.epochs} epochs")
-    if r.precision not in PRECISIONS: raise UserError(f"--precision must be auto, fp32, bf16 or fp16, got {r.precision!r}")
+    check_precision(r.precision)
     return r
 
 def _split(s: str|None, f=str) -> tuple|None:

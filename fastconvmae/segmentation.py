@@ -33,7 +33,7 @@ from .cli import (UserError, check_args, check_output, prepare_output, run_cli, 
 from .checkpoint import atomic_save, load_checkpoint, checkpoint_state_dict, checkpoint_layout, _strip, CheckpointMismatchError
 from .training import (AnyDeviceMixedPrecision, ShardedTrainer, leave_group_at_exit, PretrainCheckpoint, nonfinite_cbs, NonFiniteLossError, extra_loggers, task_learner,
                                   RunLog, unwrap, launch_setup, seed_rank, check_resume, fit_resumable, console_progress,
-                                  keep_published_batch, convvit_layer_id, LayerGroups, adamw, resolve_precision, PRECISIONS)
+                                  keep_published_batch, convvit_layer_id, LayerGroups, adamw, resolve_precision, check_precision)
 from .backbone import convvit_seg, load_backbone
 from .encoder import CONVVIT_ARCHS
 
@@ -758,7 +758,6 @@ def segment(data, preset: str='cpu', checkpoint=None, output=None, resume=None, 
     r = _recipe(preset, **overrides)
     if output is not None: check_output(output, resume, overwrite)  # refuse a folder holding another run, touching nothing yet
     rank, world, device = launch_setup(seed, device)
-    r = replace(r, precision=resolve_precision(r.precision, device))  # 'auto': bf16 where this device runs it natively, else fp32
     dls = seg_dls(data, r.crop, r.scale, r.bs, r.eval_interval * r.accum, r.valid_bs, r.ratio_range, r.cat_max_ratio,
                   num_workers=num_workers, seed=seed, device=device, rank=rank, world_size=world, n_valid=n_valid)
     classes = dls.train.dataset.classes or [f'class {i}' for i in range(num_classes or 0)]
@@ -770,6 +769,7 @@ def segment(data, preset: str='cpu', checkpoint=None, output=None, resume=None, 
     if output is not None: output = prepare_output(output, resume, overwrite)  # every input checked: now the folder
     seed_rank(seed)  # each process its own crops, flips and drop paths (the official seed + rank)
     learn = seg_learner(dls, model.to(device), r, output=output, cbs=cbs)
+    r = learn.recipe  # as run: 'auto' precision resolved by the learner
     learn.classes = classes
     if rank or not verbose:  # no progress bar, and no raw metric lists printed in its place
         learn.remove_cbs([cb for cb in learn.cbs if isinstance(cb, ProgressCallback)]); learn.logger = noop
@@ -975,7 +975,7 @@ def main(command: str, # train, evaluate or predict
                    channels=(channels, 'pos_int'), aux_channels=(aux_channels, 'nonneg_int'), window=(window, 'pos_int'),
                    stride=(stride, 'pos_int'), n_valid=(n_valid, 'pos_int'), workers=(workers, 'nonneg_int'),
                    num_classes=(num_classes, 'pos_int'), valid_bs=(valid_bs, 'pos_int'))
-        if precision is not None and precision not in PRECISIONS: raise UserError(f"--precision must be auto, fp32, bf16 or fp16, got {precision!r}")
+        if precision is not None: check_precision(precision)
         if mode is not None and mode not in ('whole', 'slide'): raise UserError(f"--mode must be whole or slide, got {mode!r}")
         if command in ('train', 'evaluate') and not Path(data).expanduser().is_dir(): raise UserError(f"dataset folder not found: {data}")
         if command == 'train':

@@ -35,8 +35,8 @@ __all__ = ['PRECISIONS', 'pretrain_param_groups', 'adamw', 'lr_schedule', 'AnyDe
            'RestoreState', 'RunLog', 'load_model_state', 'check_resume', 'read_resume', 'fit_resumable',
            'keep_published_batch', 'ShardedTrainer', 'leave_group_at_exit', 'launch_setup', 'seed_rank', 'EpochLines',
            'console_progress', 'show_progress', 'extra_loggers', 'convvit_layer_id', 'LayerGroups',
-           'layer_decay_groups', 'precision_cbs', 'cpu_has_bf16_units', 'precision_note', 'resolve_precision',
-           'task_learner']
+           'layer_decay_groups', 'precision_cbs', 'cpu_has_bf16_units', 'precision_note', 'check_precision',
+           'resolve_precision', 'task_learner']
 
 # %% ../nbs/22_training.ipynb #6fc3dbb8
 def pretrain_param_groups(model: nn.Module, weight_decay: float=0.05) -> list[dict]:
@@ -483,10 +483,14 @@ def precision_note(precision: str, device, native: bool|None=None) -> str|None:
 
 PRECISIONS = ('auto', 'fp32', 'bf16', 'fp16')
 
+def check_precision(precision: str) -> str:
+    "`precision` if it is one of `PRECISIONS`, else a one-line `UserError`"
+    if precision not in PRECISIONS: raise UserError(f"--precision must be auto, fp32, bf16 or fp16, got {precision!r}")
+    return precision
+
 def resolve_precision(precision: str|None, device=None, native: bool|None=None) -> str:
     "`precision`, with 'auto' (or None) made bf16 where `device` computes bf16 natively (CPU: `native`, detected if None), fp16 on a CUDA GPU without bf16, else fp32"
-    if precision not in (*PRECISIONS, None): raise UserError(f"--precision must be auto, fp32, bf16 or fp16, got {precision!r}")
-    if precision not in ('auto', None): return precision
+    if check_precision(precision or 'auto') != 'auto': return precision
     dev = torch.device(device if device is not None else 'cuda' if torch.cuda.is_available() else 'cpu')
     if dev.type == 'cuda': return 'bf16' if torch.cuda.is_bf16_supported() else 'fp16'
     if dev.type == 'cpu': return 'bf16' if (native if native is not None else cpu_has_bf16_units()) else 'fp32'
