@@ -139,6 +139,9 @@ def run_cli(fn, *args, debug: bool=False, **kwargs) -> None:
         if debug: raise
         user = isinstance(e, (UserError, ValueError, TypeError, OSError, pickle.UnpicklingError, ImportError))
         hint = '' if user else f" ({type(e).__name__}; rerun with --debug for the traceback)"
+        if type(e).__name__ == 'BackendCompilerFailed':  # often a compile killed half-way, its `.so` left truncated in the cache
+            hint += ('; run without --compile, or remove torch.compile\'s cache '
+                     f"({os.environ.get('TORCHINDUCTOR_CACHE_DIR') or '/tmp/torchinductor_' + os.environ.get('USER', '$USER')})")
         print(f"{who}error: {_one_line(e)}{hint}", file=sys.stderr, flush=True)
         sys.exit(2 if isinstance(e, (UserError, FileNotFoundError, NotADirectoryError)) else 1)  # a path the user gave: their mistake
 

@@ -145,7 +145,10 @@ def test_knn_columns_in_the_log(tmp_path):
 def test_compile_and_fast_decode_train_the_same_model(tmp_path):
     "`--compile` (torch.compile in place) and `--fast_decode` (no effect on small photos) run, exit 0 and save eager parameter names."
     p = run(*QUICK, '--epochs', '1', '--output', tmp_path / 'eager', '--precision', 'fp32')
-    q = run(*QUICK, '--epochs', '1', '--output', tmp_path / 'compiled', '--precision', 'fp32', '--compile', '--fast_decode', timeout=1200)
+    # a fresh inductor cache: a run killed while compiling can leave a truncated `.so` in the shared one (/tmp/torchinductor_$USER)
+    q = subprocess.run([CMD, *map(str, (*QUICK, '--epochs', '1', '--output', tmp_path / 'compiled', '--precision', 'fp32',
+                                        '--compile', '--fast_decode'))], capture_output=True, text=True, cwd=REPO,
+                       env={**ENV, 'TORCHINDUCTOR_CACHE_DIR': str(tmp_path / 'inductor')}, timeout=1200)
     assert p.returncode == 0 and q.returncode == 0, q.stderr[-3000:]
     a, b = (load(tmp_path / d / 'checkpoint-latest.pth')['model'] for d in ('eager', 'compiled'))
     assert a.keys() == b.keys()  # no `_orig_mod.` prefixes: a compiled run's checkpoint loads anywhere
