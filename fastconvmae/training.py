@@ -36,7 +36,7 @@ __all__ = ['PRECISIONS', 'pretrain_param_groups', 'adamw', 'lr_schedule', 'AnyDe
            'keep_published_batch', 'ShardedTrainer', 'leave_group_at_exit', 'launch_setup', 'seed_rank', 'EpochLines',
            'console_progress', 'show_progress', 'extra_loggers', 'convvit_layer_id', 'LayerGroups',
            'layer_decay_groups', 'precision_cbs', 'cpu_has_bf16_units', 'precision_note', 'check_precision',
-           'resolve_precision', 'task_learner']
+           'resolve_precision', 'EpochGradientAccumulation', 'task_learner']
 
 # %% ../nbs/22_training.ipynb #6fc3dbb8
 def pretrain_param_groups(model: nn.Module, weight_decay: float=0.05) -> list[dict]:
@@ -496,6 +496,13 @@ def resolve_precision(precision: str|None, device=None, native: bool|None=None) 
     if dev.type == 'cpu': return 'bf16' if (native if native is not None else cpu_has_bf16_units()) else 'fp32'
     return 'fp32'
 
+# %% ../nbs/22_training.ipynb #acc0e9b2
+class EpochGradientAccumulation(GradientAccumulation):
+    "fastai's `GradientAccumulation` over `n_acc` samples, restarted each epoch as MAE's engine does (a partial accumulation at an epoch's end is dropped)."
+    def before_epoch(self):
+        self.count = 0
+        if getattr(self.learn, 'opt', None) is not None: self.learn.opt.zero_grad()
+
 # %% ../nbs/22_training.ipynb #91081787
 def task_learner(dls, model: nn.Module, loss_func, opt_func, lr: float, *, precision: str='fp32', accum: int=1, clip: float|None=None,
                  output=None, checkpoint: Callback|None=None, log: str|None='log.csv', cbs=None, after=(), sync_bn: bool=False,
@@ -504,6 +511,9 @@ def task_learner(dls, model: nn.Module, loss_func, opt_func, lr: float, *, preci
 the engine adds, in this order, non-finite recovery, mixed precision, gradient accumulation and clipping, the task's
 `checkpoint` callback and the run log (rank 0), then the task's `after` callbacks, and DDP sharding under torchrun."""
     if not (isinstance(accum, int) and accum >= 1): raise ValueError(f"accum must be a positive integer, got {accum}")
+    if accum > 1 and accum > (n := len(dls.train)):  # the accumulation restarts each epoch: the optimiser would never step
+        raise UserError(f"--accum {accum} is more than the {n} batches of an epoch, so no step would ever be taken; "
+                        "set a smaller --accum or --bs")
     rank, world = rank_distrib(), max(num_distrib(), 1)
     if output is not None:
         output = Path(output)
@@ -513,7 +523,7 @@ the engine adds, in this order, non-finite recovery, mixed precision, gradient a
     precision = resolve_precision(precision, dev)
     if rank == 0 and (note := precision_note(precision, dev)): print(note, flush=True)  # stdout, beside the run summary
     cbs = [*(cbs or []), *nonfinite_cbs(), *precision_cbs(precision)]
-    if accum > 1: cbs.append(GradientAccumulation(dls.train.bs * accum))
+    if accum > 1: cbs.append(EpochGradientAccumulation(dls.train.bs * accum))
     if clip: cbs.append(GradientClip(clip))
     if output is not None and checkpoint is not None: cbs.append(checkpoint)
     if output is not None and log and rank == 0: cbs.append(RunLog(log))
