@@ -677,13 +677,18 @@ def is_detectron2(sd) -> bool:
     return isinstance(sd, dict) and any(str(k).startswith('backbone.bottom_up.') for k in sd) and any(str(k).startswith('roi_heads.') for k in sd)
 
 def detectron2_to_torchvision(sd: dict) -> dict:
-    "A detectron2 ConvMAE Mask R-CNN state dict (`{'model': {...}}` or the dict itself) under `maskrcnn_convvit`'s names: background class moved first, zero background rows added, `relative_position_index` buffers dropped (recomputed); any other key it cannot place is an error naming it."
+    "A detectron2 ConvMAE Mask R-CNN state dict (`{'model': {...}}` or the dict itself) under `maskrcnn_convvit`'s names: background class moved first, zero background rows added, `relative_position_index` buffers dropped (recomputed), ImageNet `pixel_mean`/`pixel_std` buffers (older detectron2) checked and dropped; any other key it cannot place is an error naming it."
     import re
     sd = sd['model'] if isinstance(sd.get('model'), dict) else sd
     K = sd['roi_heads.box_predictor.cls_score.weight'].shape[0] - 1          # foreground classes; background is d2's last row
     n_conv = sum(bool(re.fullmatch(r'roi_heads\.box_head\.conv\d+\.weight', k)) for k in sd)
     out, unknown = {}, []
     for k, v in sd.items():
+        if k in ('pixel_mean', 'pixel_std'):  # older detectron2 saved them: kept only if they are the normalisation used here
+            want = torch.tensor(IMAGENET_DEFAULT_MEAN if k == 'pixel_mean' else IMAGENET_DEFAULT_STD) * 255
+            if v.numel() == 3 and torch.allclose(v.float().flatten(), want, atol=1e-3): continue
+            raise CheckpointMismatchError(f"the detectron2 checkpoint's {k} is {[round(float(x), 3) for x in v.flatten()]}, not ImageNet's "
+                                          f"{[round(float(x), 3) for x in want]} (RGB, 0-255) that this package's Mask R-CNN normalises with")
         if k.startswith('backbone.bottom_up.'):
             if not k.endswith('.relative_position_index'): out['backbone.body.' + k[len('backbone.bottom_up.'):]] = v
             continue

@@ -356,8 +356,14 @@ def test_detectron2_keys_and_class_order():
     m2 = detectron2_model(detectron2_to_torchvision({'model': d2})).eval()
     with torch.no_grad(): p = m2([torch.rand(3, 64, 64)])[0]
     assert len(p['labels']) and set(p['labels'].tolist()) == {2}
-    with pytest.raises(CheckpointMismatchError, match='pixel_mean, roi_heads.keypoint_head.conv_fcn1.weight'):  # nothing dropped silently
-        detectron2_to_torchvision({'model': {**d2, 'pixel_mean': torch.zeros(3), 'roi_heads.keypoint_head.conv_fcn1.weight': torch.zeros(3)}})
+    with pytest.raises(CheckpointMismatchError, match='1 detectron2 keys .*: roi_heads.keypoint_head.conv_fcn1.weight'):  # nothing dropped silently
+        detectron2_to_torchvision({'model': {**d2, 'roi_heads.keypoint_head.conv_fcn1.weight': torch.zeros(3)}})
+    # older detectron2 files hold the normalisation: ImageNet's RGB mean and std in 0-255 are what the model applies, so dropped
+    rgb = dict(pixel_mean=torch.tensor([123.675, 116.28, 103.53]).view(3, 1, 1), pixel_std=torch.tensor([58.395, 57.12, 57.375]).view(3, 1, 1))
+    with_px, without = detectron2_to_torchvision({'model': {**d2, **rgb}}), detectron2_to_torchvision({'model': d2})
+    assert with_px.keys() == without.keys() and all(torch.equal(with_px[k], without[k]) for k in without)
+    with pytest.raises(CheckpointMismatchError, match=r"pixel_mean is \[103.53, 116.28, 123.675\], not ImageNet's"):  # BGR: refused
+        detectron2_to_torchvision({'model': {**d2, **rgb, 'pixel_mean': rgb['pixel_mean'].flip(0)}})
     with pytest.raises(CheckpointMismatchError, match=r'1 unexpected \(roi_heads.box_head.7.weight'):  # a second fc: no such layer here
         detectron2_model(detectron2_to_torchvision({'model': {**d2, 'roi_heads.box_head.fc2.weight': torch.zeros(3)}}))
     with pytest.raises(CheckpointMismatchError, match='missing'):
