@@ -791,6 +791,9 @@ def evaluate_segmenter(model: UperNet, data, split: str='validation', scale=(204
     "mIoU, aAcc, mAcc and per-class IoU of `model` on `split` of an ADE20K-layout folder (confusion matrix over all processes)"
     cfg = {**model.test_cfg, **{k: v for k, v in dict(mode=mode, crop=crop, stride=stride, flip=flip).items() if v is not None}}
     ds = SegDataset(data, split, SegEvalTransform(tuple(scale)), unreadable='mark')
+    if ds.classes and len(ds.classes) != model.num_classes:  # the labels' classes would be dropped or scored as never predicted
+        raise UserError(f"the model predicts {model.num_classes} classes but {Path(data)/'classes.txt'} names {len(ds.classes)}: "
+                        f"evaluate it on the dataset it was trained for")
     if n_valid and n_valid < len(ds): ds = ds.subset(np.linspace(0, len(ds) - 1, n_valid).round().astype(int))
     device = torch.device(device) if device is not None else next(model.parameters()).device
     dl = ValidDL(ds, bs=bs, shuffle=False, drop_last=False, rank=rank, world_size=world_size, num_workers=num_workers)

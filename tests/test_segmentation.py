@@ -390,6 +390,11 @@ def test_official_mmseg_checkpoint_evaluates_through_the_command(tmp_path):
     assert r.returncode == 0, r.stderr
     s = json.loads(r.stdout.strip().splitlines()[-1])
     assert s['n_images'] == 3 and 0 <= s['mIoU'] <= 1
+    # on a dataset with other classes (ADE20K's model on CamVid, say): one line, before any image is predicted
+    other = make_ade(tmp_path/'d5', n_train=1, n_val=1, k=5)
+    r = _cli('evaluate', other, '--checkpoint', f, '--mode', 'whole')
+    assert r.returncode == 2 and r.stderr.strip() == (f"error: the model predicts 3 classes but {other/'classes.txt'} names 5: "
+                                                      "evaluate it on the dataset it was trained for"), r.stderr
     # a wrong index buffer is refused, not silently replaced
     sd = torch.load(f)['state_dict']; sd['backbone.blocks3.0.attn.relative_position_index'] = torch.zeros(16, 16, dtype=torch.long)
     torch.save({'state_dict': sd}, tmp_path/'bad.pth')
