@@ -99,8 +99,10 @@ def run_demo(data=None, # image folder (default: ../shared/data/imagenette-128 i
     fit_pretrain(learn)
     minutes = (time.time() - t) / 60
     # 3. the trained model on the same photo and masks
+    seen = (photos / 'chelsea.jpg').resolve().is_relative_to(data.resolve())  # the bundled photos include the cat
     figs['reconstruction'] = show_views(x, *reconstruct(model.eval(), x, noise=noise),
-                                        title=f'after {r.epochs} epochs ({minutes:.1f} min): a photo it never trained on')
+                                        title=f"after {r.epochs} epoch{'s' * (r.epochs != 1)} ({minutes:.1f} min): "
+                                              f"{'one of its training photos' if seen else 'a photo it never trained on'}")
     losses = [float(l) for l in learn.recorder.losses]
     figs['loss'] = _loss_figure(learn, f'{r.arch}, {r.img_size} px, raw pixels')
     for k, f in figs.items(): f.savefig(out / f'{k}.png'); plt.close(f)
