@@ -698,10 +698,15 @@ def create_segmentor(recipe: SegRecipe, num_classes: int) -> UperNet:
 
 # %% ../nbs/11_segmentation.ipynb #0c59089b
 def _recipe(preset: str, **overrides) -> SegRecipe:
-    if preset not in SEG_PRESETS: raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(SEG_PRESETS)}")
+    "The recipe of `preset` with the non-None `overrides`, checked (the one check of the API and the command line)"
+    if preset not in SEG_PRESETS: raise UserError(f"unknown preset {preset!r}; choose one of {', '.join(sorted(SEG_PRESETS))}")
     known = {f.name for f in fields(SegRecipe)}
     if unknown := sorted(set(overrides) - known): raise TypeError(f"unknown settings {unknown}")
-    return replace(SEG_PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None})
+    r = replace(SEG_PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None})
+    if r.iters % r.eval_interval: raise UserError(f"--iters ({r.iters}) must be a multiple of --eval_interval ({r.eval_interval})")
+    if r.crop % 32: raise UserError(f"--crop must be a multiple of 32, got {r.crop}")
+    if r.test_mode not in ('whole', 'slide'): raise UserError(f"--mode must be whole or slide, got {r.test_mode!r}")
+    return r
 
 def save_segmenter(learn: Learner, path, classes=None) -> Path:
     "Save `{'model', 'recipe', 'num_classes', 'classes', 'scores'}` atomically (loadable with `weights_only=True`)"
@@ -856,13 +861,9 @@ def _print_scores(s: dict, classes: list):
 
 def _train(data, preset, checkpoint, output, resume, overwrite, force_resume, seed, workers, n_valid, num_classes, trusted, device, ov,
            tensorboard=False, wandb=False):
-    if preset not in SEG_PRESETS: raise UserError(f"unknown preset {preset!r}; choose one of {', '.join(sorted(SEG_PRESETS))}")
-    r = _recipe(preset, **ov)
+    r = _recipe(preset, **ov)  # checked there
     world = max(num_distrib(), 1)
     r, note = keep_published_batch(r, world, ov.get('bs') is not None or ov.get('accum') is not None)
-    if r.iters % r.eval_interval: raise UserError(f"--iters ({r.iters}) must be a multiple of --eval_interval ({r.eval_interval})")
-    if r.crop % 32: raise UserError(f"--crop must be a multiple of 32, got {r.crop}")
-    if r.test_mode not in ('whole', 'slide'): raise UserError(f"--mode must be whole or slide, got {r.test_mode!r}")
     out = Path(output or (Path(resume).parent if resume else 'runs/segment'))
     if note and not rank_distrib(): print(note)
     loggers = extra_loggers(out, tensorboard, wandb) if not int(os.environ.get('RANK', 0)) else []  # a missing package stops here

@@ -355,6 +355,7 @@ def test_cli_user_errors(tmp_path, capsys):
     from fastconvmae.segmentation import main
     for args, kw, msg in [(('fly', root), {}, 'command'), (('train', root), dict(bs=0), '--bs'), (('train', root), dict(preset='big'), 'preset'),
                           (('train', root), dict(scale='512'), '--scale'), (('train', root), dict(crop=100), '--crop'),
+                          (('train', root), dict(iters=3, eval_interval=2), 'must be a multiple of --eval_interval'),
                           (('evaluate', root), {}, '--checkpoint'), (('evaluate', root), dict(checkpoint=tmp_path/'x.pth'), 'not found'),
                           (('predict', tmp_path/'none'), dict(checkpoint=tmp_path/'x.pth'), 'not found')]:
         with pytest.raises(SystemExit) as e: main(*map(str, args), **kw)
