@@ -87,11 +87,13 @@ def test_model_shapes_and_param_groups():
     with torch.no_grad(): out = m([torch.rand(3, 64, 64)] * 2)
     assert len(out) == 2 and out[0]['masks'].shape[-2:] == (64, 64)
 
-def _learner(root, out, epochs=2, precision='auto'):
-    r = DetectionRecipe(arch='tiny', img_size=64, window_size=2, epochs=epochs, bs=4, lr=2e-4, warmup_epochs=0.5, precision=precision,
+def _learner(root, out, epochs=2, precision='auto', bs=4, **schedule):
+    "A tiny detector's learner on `root`: `epochs` with a half-epoch warm-up, or the iteration `schedule` (max_iter, warmup_iters)"
+    schedule = schedule or dict(epochs=epochs, warmup_epochs=0.5)
+    r = DetectionRecipe(arch='tiny', img_size=64, window_size=2, bs=bs, lr=2e-4, precision=precision, **schedule,
                         rpn_post_nms_top_n_train=32, rpn_post_nms_top_n_test=16, box_batch_size_per_image=16, box_detections_per_img=10)
     torch.manual_seed(0)
-    learn = detection_learner(coco_dls(root, 64, 4, seed=0), r, output=out, verbose=False)
+    learn = detection_learner(coco_dls(root, 64, bs, seed=0), r, output=out, verbose=False)
     learn.remove_cb(ProgressCallback)
     return learn
 
@@ -260,12 +262,7 @@ def test_coco_presets_count_official_iterations():
     assert detection_recipe('cpu', max_iter=10).max_iter == 10
 
 def _iter_learner(root, out, max_iter=3, precision='auto'):
-    r = DetectionRecipe(arch='tiny', img_size=64, window_size=2, bs=2, lr=2e-4, max_iter=max_iter, warmup_iters=1.5, precision=precision,
-                        rpn_post_nms_top_n_train=32, rpn_post_nms_top_n_test=16, box_batch_size_per_image=16, box_detections_per_img=10)
-    torch.manual_seed(0)
-    learn = detection_learner(coco_dls(root, 64, 2, seed=0), r, output=out, verbose=False)
-    learn.remove_cb(ProgressCallback)
-    return learn
+    return _learner(root, out, precision=precision, bs=2, max_iter=max_iter, warmup_iters=1.5)
 
 def test_max_iter_schedule_stop_and_exact_resume(syn4, tmp_path):
     "3 steps of 2 batches per epoch: 2 epochs, the second stopped after one step; the lrs are detectron2's; resuming after epoch 0 is exact."
