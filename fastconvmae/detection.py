@@ -622,15 +622,17 @@ def warmup_cosine(lr: float, warmup: float, warmup_factor: float=0.001, min_lr: 
     return sched
 
 class IterationSchedule(Callback):
-    "detectron2's `LRMultiplier`: optimizer step `k` (of `accum` batches each) takes lr `sched(k / max_iter)`; training stops after `max_iter` steps."
+    """detectron2's `LRMultiplier`: optimizer step `k` (of `accum` batches each) takes lr `sched(k / max_iter)`; training stops after
+`max_iter` steps. Accumulation restarts each epoch (the engine's `EpochGradientAccumulation`), so an epoch of `n_iter`
+batches takes `n_iter // accum` steps."""
     order, run_valid = 5, False  # before gradient accumulation (6) and mixed precision (10): stopping leaves no autocast open
     def __init__(self, sched, max_iter: int, accum: int=1): store_attr()
     def before_fit(self): self.hps, self.done = {'lr': []}, False
     def before_batch(self):
-        b = self.epoch * self.n_iter + self.iter                          # batches done: exact on resume (whole epochs)
-        if b >= self.max_iter * self.accum:                               # the last epoch ends here, then validation and checkpoint
+        k = self.epoch * (self.n_iter // self.accum) + self.iter // self.accum  # optimizer steps done: exact on resume (whole epochs)
+        if k >= self.max_iter:                                            # the last epoch ends here, then validation and checkpoint
             self.done = True; raise CancelTrainException()
-        self.opt.set_hyper('lr', self.sched(b // self.accum / self.max_iter))
+        self.opt.set_hyper('lr', self.sched(k / self.max_iter))
     def after_batch(self): self.hps['lr'].append(self.opt.hypers[-1]['lr'])
     def after_train(self):  # before the Recorder (50) logs the epoch: the end of training is no cancelled epoch, its loss is logged
         if self.done and hasattr(self.learn, 'recorder'): self.recorder.cancel_train = False
@@ -640,8 +642,9 @@ class IterationSchedule(Callback):
 def train_length(r: DetectionRecipe, n_iter: int) -> tuple[int, str]:
     "`(epochs, description)` of a recipe with `n_iter` batches per epoch: `r.epochs`, or the epochs `r.max_iter` steps of `r.accum` batches take."
     if r.max_iter is None: return r.epochs, f"{r.epochs} epochs"
-    epochs = math.ceil(r.max_iter * r.accum / n_iter)
-    return epochs, f"{r.max_iter} iterations ({epochs} epochs of {n_iter / r.accum:g})"
+    steps = max(n_iter // r.accum, 1)  # accumulation restarts each epoch (`task_learner` refuses an accum above an epoch's batches)
+    epochs = math.ceil(r.max_iter / steps)
+    return epochs, f"{r.max_iter} iterations ({epochs} epochs of {steps})"
 
 def fit_detection(learn: Learner, resume=None) -> Learner:
     "Train for the recipe's epochs (warm-up then cosine, per batch), or its `max_iter` steps (detectron2's schedule), continuing `resume` exactly if given: the engine's one resumable fit"
@@ -649,7 +652,7 @@ def fit_detection(learn: Learner, resume=None) -> Learner:
     epochs, _ = train_length(r, len(learn.dls.train))
     if r.max_iter is None: sched = ParamScheduler({'lr': lr_schedule(learn.lr, r.epochs, r.warmup_epochs, r.min_lr)})
     else:
-        warm = r.warmup_iters if r.warmup_iters is not None else r.warmup_epochs * len(learn.dls.train) / r.accum
+        warm = r.warmup_iters if r.warmup_iters is not None else r.warmup_epochs * (len(learn.dls.train) // r.accum)
         sched = IterationSchedule(warmup_cosine(learn.lr, min(warm / r.max_iter, 1.), r.warmup_factor, r.min_lr), r.max_iter, r.accum)
     return fit_resumable(learn, epochs, [sched], resume, check=lambda ck: check_resume(ck, r, epochs, path=resume))
 
