@@ -11,8 +11,8 @@ CMD = str(Path(sys.executable).with_name('fastconvmae_pretrain'))
 ENV = {**os.environ, 'OMP_NUM_THREADS': '1', 'HF_HUB_OFFLINE': '1'}
 QUICK = ['--data', str(REPO / 'data'), '--img_size', '64', '--bs', '5', '--workers', '0', '--precision', 'auto', '--blr', '5e-3']
 
-def run(*args, timeout=600):
-    return subprocess.run([CMD, *map(str, args)], capture_output=True, text=True, env=ENV, cwd=REPO, timeout=timeout)
+def run(*args, timeout=600, env=None):
+    return subprocess.run([CMD, *map(str, args)], capture_output=True, text=True, env={**ENV, **(env or {})}, cwd=REPO, timeout=timeout)
 
 def load(p): return torch.load(p, map_location='cpu', weights_only=True)
 
@@ -147,9 +147,8 @@ def test_compile_and_fast_decode_train_the_same_model(tmp_path):
     "`--compile` (torch.compile in place) and `--fast_decode` (no effect on small photos) run, exit 0 and save eager parameter names."
     p = run(*QUICK, '--epochs', '1', '--output', tmp_path / 'eager', '--precision', 'fp32')
     # a fresh inductor cache: a run killed while compiling can leave a truncated `.so` in the shared one (/tmp/torchinductor_$USER)
-    q = subprocess.run([CMD, *map(str, (*QUICK, '--epochs', '1', '--output', tmp_path / 'compiled', '--precision', 'fp32',
-                                        '--compile', '--fast_decode'))], capture_output=True, text=True, cwd=REPO,
-                       env={**ENV, 'TORCHINDUCTOR_CACHE_DIR': str(tmp_path / 'inductor')}, timeout=1200)
+    q = run(*QUICK, '--epochs', '1', '--output', tmp_path / 'compiled', '--precision', 'fp32', '--compile', '--fast_decode',
+            timeout=1200, env={'TORCHINDUCTOR_CACHE_DIR': str(tmp_path / 'inductor')})
     assert p.returncode == 0 and q.returncode == 0, q.stderr[-3000:]
     a, b = (load(tmp_path / d / 'checkpoint-latest.pth')['model'] for d in ('eager', 'compiled'))
     assert a.keys() == b.keys()  # no `_orig_mod.` prefixes: a compiled run's checkpoint loads anywhere
